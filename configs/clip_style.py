@@ -1,0 +1,16 @@
+r"""Baseline: the paper's CLIP-style item encoder.
+
+The item embedding is a global pooling of the whole item image fused with the title
+embedding; the title does not guide the pooling. InfoNCE only, no Mosaic.
+
+  python -m tigerfg_jax.main --config=configs/clip_style.py[:tiny|b16] --workdir=DIR
+"""
+
+from tigerfg_jax import config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.experiment_config("clip_style", arg)
+  config.model.mode = "clip_style"
+  config.data.mosaic_prob = 0.0
+  return config

@@ -1,0 +1,17 @@
+r"""Stage 2: the TIGER-FG student, distilled from a frozen teacher (the full method).
+
+InfoNCE + w_sim * similarity_kl (teacher's in-batch similarity distribution) +
+w_spatial * spatial_map_loss (student's text-guided attention vs the box map). With no
+`teacher.checkpoint`, the teacher stage is trained first in WORKDIR/teacher.
+
+  python -m tigerfg_jax.main --config=configs/distill.py[:tiny|b16] --workdir=DIR
+"""
+
+from tigerfg_jax import config_lib
+
+
+def get_config(arg=None):
+  config = config_lib.experiment_config("distill", arg)
+  config.loss.w_sim = 1.0
+  config.loss.w_spatial = 0.5
+  return config

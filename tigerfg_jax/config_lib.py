@@ -1,0 +1,220 @@
+"""The one place every experiment config is built from.
+
+`configs/*.py` are thin: each calls `experiment_config(stage, preset)` and sets the few
+keys that make its stage. A preset sets sizes (model, images, batch, steps) for a kind
+of machine: `micro` (unit tests, seconds), `tiny` (the CPU default, minutes), `b16`
+(the paper's ViT-B/16 query tower, for accelerators).
+
+Config keys (every one read somewhere; unknown keys are rejected by `validate`):
+  seed                      int, master PRNG seed.
+  stage                     'teacher' | 'distill' | 'clip_style'.
+  model.vision_variant      ViT size name for `models.vision.decode_variant`.
+  model.patch_size          patch side in pixels.
+  model.num_registers       R register tokens.
+  model.text_variant        text transformer size name.
+  model.vocab_size          set from the tokenizer at run time (0 = not yet known).
+  model.max_title_len       L, title tokens incl. BOS/EOS.
+  model.embed_dim           E, the retrieval embedding width (256).
+  model.pooling_slots       K learnable slot queries of TextGuidedPooling.
+  model.pooling_heads       heads of the pooling attentions.
+  model.pooling_mlp_dim     MLP width in the pooling/merge blocks.
+  model.mode                'tiger' (text-guided pooling) | 'clip_style' (global pool).
+  model.share_vision        query and item towers share the ViT.
+  model.query_pool          'cls' | 'map'.
+  model.dtype               compute dtype 'float32' | 'bfloat16' (params stay float32).
+  model.temperature_init    initial tau.
+  model.temperature_min     tau is clipped to [temperature_min, 1].
+  model.pixel_mean / pixel_std  per-channel normalisation of 0..255 pixels.
+  data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+PRESETS = ("micro", "tiny", "b16")
+STAGES = ("teacher", "distill", "clip_style")
+
+_CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
+_CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
+
+
+def _model_config(preset: str) -> ml_collections.ConfigDict:
+  vision, text, patch, slots, heads, mlp = {
+      "micro": ("mu", "mu", 8, 2, 2, 64),
+      "tiny": ("Ti/16", "mu", 8, 4, 4, 256),
+      "b16": ("B/16", "S", 16, 8, 8, 1024),
+  }[preset]
+  return ml_collections.ConfigDict(dict(
+      vision_variant=vision,
+      patch_size=patch,
+      num_registers=0 if preset == "micro" else 4,
+      text_variant=text,
+      vocab_size=0,
+      max_title_len=16 if preset != "b16" else 32,
+      embed_dim=256,
+      pooling_slots=slots,
+      pooling_heads=heads,
+      pooling_mlp_dim=mlp,
+      mode="tiger",
+      share_vision=True,
+      query_pool="cls",
+      dtype="float32",
+      temperature_init=0.07,
+      temperature_min=0.01,
+      pixel_mean=_CLIP_MEAN,
+      pixel_std=_CLIP_STD,
+  ))
+
+
+def _data_config(preset: str) -> ml_collections.ConfigDict:
+  item_size, query_size, items = {
+      "micro": (32, 32, 48),
+      "tiny": (64, 64, 400),
+      "b16": (224, 224, 4000),
+  }[preset]
+  return ml_collections.ConfigDict(dict(
+      # Dataset folder (DESIGN.md section 4). None: write the synthetic catalog to
+      # WORKDIR/data and use it.
+      root=ml_collections.FieldReference(None, field_type=str),
+      synthetic_items=items,        # products in the synthetic train split.
+      synthetic_seed=0,
+      synthetic_image_size=max(item_size, 64),
+      item_image_size=item_size,
+      query_image_size=query_size,
+      mosaic_prob=0.5,              # fraction of training items drawn as mosaics.
+      mosaic_grid=2,                # mosaic of grid x grid tiles.
+      skip_bad=False,               # skip invalid records (counted) instead of failing.
+      worker_count=0,               # grain worker processes (0 = in-process).
+      vocab_size=512,               # size of the tokenizer trained on train titles.
+      tokenizer=ml_collections.FieldReference(None, field_type=str),  # user vocab file.
+  ))
+
+
+def _train_config(preset: str) -> ml_collections.ConfigDict:
+  steps, batch, lr = {
+      "micro": (6, 8, 1e-3),
+      "tiny": (600, 64, 1e-3),
+      "b16": (20_000, 1024, 5e-4),
+  }[preset]
+  return ml_collections.ConfigDict(dict(
+      steps=steps,
+      batch_size=batch,             # global batch, divisible by the 'data' mesh axis.
+      learning_rate=lr,
+      warmup_steps=max(1, steps // 20),
+      weight_decay=0.05,
+      grad_clip_norm=1.0,
+      log_every=max(1, steps // 30),
+      checkpoint_every=max(1, steps // 4),
+      keep_checkpoints=2,
+  ))
+
+
+def _loss_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      w_infonce=1.0,                # L_q2i.
+      w_sim=0.0,                    # L_SDD similarity-distribution KL vs the teacher.
+      w_spatial=0.0,                # spatial-map KL of the student's attention.
+      spatial_target="box",         # 'box' (box mask on the patch grid) | 'teacher'.
+      kd_temperature=1.0,           # T of similarity_kl.
+  ))
+
+
+def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDict:
+  """Returns the full config of `stage` at `preset` (default 'tiny')."""
+  preset = preset or "tiny"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.stage = stage
+  config.preset = preset
+  config.model = _model_config(preset)
+  config.data = _data_config(preset)
+  config.train = _train_config(preset)
+  config.loss = _loss_config()
+  # Teacher for distillation: a checkpoint directory written by a `teacher` run. None
+  # in the `distill` stage: train it first in WORKDIR/teacher.
+  config.teacher = ml_collections.ConfigDict(dict(
+      checkpoint=ml_collections.FieldReference(None, field_type=str),
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                      # -1: all devices not used by 'model'.
+      model=1,
+      param_sharding="replicated",  # 'replicated' | 'fsdp' | 'tensor'.
+  ))
+  config.eval = ml_collections.ConfigDict(dict(
+      backend="scann",              # 'scann' | 'exact' | 'approx'.
+      batch_size=64,
+      every=0,                      # evaluate every N steps too (0 = only at the end).
+  ))
+  return config
+
+
+_CHOICES = {
+    "model.mode": ("tiger", "clip_style"),
+    "model.query_pool": ("cls", "map"),
+    "model.dtype": ("float32", "bfloat16"),
+    "loss.spatial_target": ("box", "teacher"),
+    "mesh.param_sharding": ("replicated", "fsdp", "tensor"),
+    "eval.backend": ("scann", "exact", "approx"),
+}
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+  keys = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys |= _flat_keys(value, f"{prefix}{key}.")
+    else:
+      keys.add(f"{prefix}{key}")
+  return keys
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming every bad key before any work is done."""
+  if config.get("stage") not in STAGES or config.get("preset") not in PRESETS:
+    raise ValueError(f"config.stage={config.get('stage')!r} / config.preset="
+                     f"{config.get('preset')!r}: expected a stage in {STAGES} and a "
+                     f"preset in {PRESETS}")
+  reference = experiment_config(config.stage, config.preset)
+  problems = [f"unknown key config.{k}"
+              for k in sorted(_flat_keys(config) - _flat_keys(reference))]
+  problems += [f"missing key config.{k}"
+               for k in sorted(_flat_keys(reference) - _flat_keys(config))]
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+  for key, allowed in _CHOICES.items():
+    if _get(config, key) not in allowed:
+      problems.append(f"config.{key}={_get(config, key)!r}: expected one of {allowed}")
+  for key in ("loss.w_infonce", "loss.w_sim", "loss.w_spatial"):
+    if _get(config, key) < 0:
+      problems.append(f"config.{key}={_get(config, key)}: weights must be >= 0")
+  for key in ("train.steps", "train.batch_size", "train.log_every",
+              "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size"):
+    if _get(config, key) < 1:
+      problems.append(f"config.{key}={_get(config, key)}: expected a positive integer")
+  for key in ("data.item_image_size", "data.query_image_size"):
+    if _get(config, key) % config.model.patch_size:
+      problems.append(f"config.{key}={_get(config, key)} is not a multiple of "
+                      f"config.model.patch_size={config.model.patch_size}")
+  if not 0 <= config.data.mosaic_prob <= 1:
+    problems.append(f"config.data.mosaic_prob={config.data.mosaic_prob}: expected [0, 1]")
+  if config.data.root and not os.path.isdir(config.data.root):
+    problems.append(f"config.data.root={config.data.root!r}: no such directory")
+  teacher = config.teacher.checkpoint
+  if teacher and not os.path.exists(os.path.join(teacher, "checkpoints")):
+    problems.append(f"config.teacher.checkpoint={teacher!r}: expected the workdir of a "
+                    "teacher run (with checkpoints/ and config.json)")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))

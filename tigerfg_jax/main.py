@@ -1,0 +1,49 @@
+r"""Trains and evaluates one TIGER-FG stage.
+
+  python -m tigerfg_jax.main --config=configs/distill.py[:tiny|b16] --workdir=DIR \
+      [--config.train.steps=100 ...]
+
+Without --config.data.root the synthetic catalog is written to DIR/data and used.
+Running again on the same DIR resumes from its last checkpoint. Multi-process jobs
+(TPU pod slices, GPU clusters) call `jax.distributed.initialize()` first: automatically
+where JAX detects the cluster, or from --coordinator_address/--num_processes/--process_id.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from tigerfg_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/distill.py[:preset].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _COORDINATOR.value or _MULTIHOST.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

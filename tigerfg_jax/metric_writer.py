@@ -1,0 +1,73 @@
+"""Where measurements go: `metrics.jsonl`, TensorBoard event files and the console.
+
+Only process 0 writes. `StepTimer` reports examples/s and an ETA, ignoring the first
+measured interval so that compilation does not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self._enabled = jax.process_index() == 0
+    if self._enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for name, value in row.items():
+      if name != "step":
+        self._tb.add_scalar(name, value, global_step=step)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class StepTimer:
+  """Throughput and ETA from wall time between `tick`s, the first interval excluded."""
+
+  def __init__(self, first_step: int, total_steps: int, global_batch: int):
+    self._total = total_steps
+    self._batch = global_batch
+    self._start_step = first_step
+    self._start_time: float | None = None
+
+  def tick(self, step: int) -> dict[str, float]:
+    """Call after `step` has finished; returns {} until a rate can be measured."""
+    now = time.perf_counter()
+    if self._start_time is None:
+      self._start_time, self._start_step = now, step
+      return {}
+    elapsed = now - self._start_time
+    steps_done = step - self._start_step
+    if steps_done <= 0 or elapsed <= 0:
+      return {}
+    steps_per_s = steps_done / elapsed
+    return {"examples_per_s": steps_per_s * self._batch,
+            "examples_per_s_per_device": steps_per_s * self._batch / jax.device_count(),
+            "eta_s": (self._total - step) / steps_per_s}
+
+
+def log_progress(step: int, total: int, scalars: dict[str, Any]) -> None:
+  shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+  logging.info("[%d/%d] %s", step, total, shown)

@@ -1,0 +1,119 @@
+"""Attention pooling heads: `TextGuidedPooling` (TIGER-FG's item pooling) and `MAPHead`.
+
+Both read tokens that already went through their encoder's final LayerNorm, and both
+take an optional `region_mask` bool `[B, N]` that restricts their attention over the
+patches to those positions (the privileged teacher pools from the ground-truth box).
+A row with no True entry falls back to all patches (`transformer.masked_softmax`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tigerfg_jax.models import partitioning, transformer
+
+
+class TextGuidedPooling(nn.Module):
+  """The title decides where the item embedding looks.
+
+  1. K learnable slot queries cross-attend to the title tokens (padding masked), then
+     to the patches: text-conditioned visual slots.
+  2. An MLP scores each slot; the softmax over slots weighs them into the semantic
+     feature `f_m`.
+  3. The appearance query `LN(cls) + MLP(f_m)` attends over the patches (multi-head):
+     its output is the appearance feature `f_a`, its weights the patch attention map
+     (the implicit grounding; no box is needed at inference).
+
+  Attributes:
+    num_slots: K.
+    num_heads: H of every attention here.
+    mlp_dim: hidden width of the MLPs.
+    dtype: compute dtype.
+  """
+  num_slots: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, cls: jax.Array, patches: jax.Array, text_tokens: jax.Array,
+               text_mask: jax.Array,
+               region_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Pools the patches under the title's guidance.
+
+    Args:
+      cls: `[B, D]` the image's CLS token.
+      patches: `[B, N, D]` patch tokens.
+      text_tokens: `[B, L, Dt]` title tokens.
+      text_mask: bool `[B, L]`, True on real title tokens.
+      region_mask: bool `[B, N]` or None; patches the visual attentions may read.
+
+    Returns:
+      dict with `f_a` `[B, D]` and `f_m` `[B, D]` (dtype), `slot_weights` float32
+      `[B, K]` and `attention` float32 `[B, H, N]` (the `f_a` pooling's map, rows sum
+      to 1 over N).
+    """
+    batch, _, width = patches.shape
+    norm = functools.partial(partitioning.layer_norm, dtype=self.dtype)
+    attend = functools.partial(transformer.MultiHeadAttention, self.num_heads,
+                               dtype=self.dtype)
+
+    slots = self.param(
+        "slots", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
+        (self.num_slots, width), jnp.float32)
+    slots = jnp.broadcast_to(slots.astype(self.dtype), (batch, self.num_slots, width))
+    read_title, _ = attend(name="title_attn")(norm(name="title_norm")(slots), text_tokens,
+                                         text_mask)
+    slots = slots + read_title
+    read_image, _ = attend(name="slot_image_attn")(norm(name="slot_image_norm")(slots), patches,
+                                              region_mask)
+    slots = slots + read_image
+    slots = slots + transformer.MlpBlock(self.mlp_dim, dtype=self.dtype,
+                                         name="slot_mlp")(norm(name="slot_mlp_norm")(slots))
+    slots = norm(name="slot_out_norm")(slots)
+
+    hidden = transformer.MlpBlock(self.mlp_dim, dtype=self.dtype,
+                                  name="slot_score_mlp")(slots)
+    scores = partitioning.dense(1, ("embed", None), dtype=self.dtype,
+                                name="slot_score")(hidden)[..., 0]
+    slot_weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    f_m = jnp.einsum("bk,bkd->bd", slot_weights.astype(self.dtype), slots)
+
+    query = norm(name="cls_norm")(cls) + transformer.MlpBlock(
+        self.mlp_dim, dtype=self.dtype, name="query_mlp")(f_m)
+    f_a, weights = attend(name="appearance_attn")(query[:, None, :], patches, region_mask)
+    return dict(f_a=f_a[:, 0], f_m=f_m, slot_weights=slot_weights,
+                attention=weights[:, :, 0, :])
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling with a learned probe (big_vision's MAP head).
+
+  Attributes:
+    num_heads: H.
+    mlp_dim: hidden width of the residual MLP after the pooling.
+    dtype: compute dtype.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array,
+               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`[B, N, D]` tokens (mask bool `[B, N]`) -> (`[B, D]` dtype, float32 `[B, H, N]`)."""
+    batch, _, width = tokens.shape
+    probe = self.param(
+        "probe", partitioning.init(nn.initializers.xavier_uniform(), (None, "embed")),
+        (1, width), jnp.float32)
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (batch, 1, width))
+    x, weights = transformer.MultiHeadAttention(
+        self.num_heads, dtype=self.dtype, name="attn")(probe, tokens, mask)
+    y = partitioning.layer_norm(dtype=self.dtype, name="norm")(x)
+    x = x + transformer.MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    return x[:, 0], weights[:, :, 0, :]

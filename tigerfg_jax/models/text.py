@@ -1,0 +1,90 @@
+"""Title encoder: token + learned position embeddings, a pre-LN transformer with a
+padding mask (bidirectional: every real token sees every other real token).
+
+The pooled vector is the mean over the real tokens (BOS and EOS included). The mean
+needs no knowledge of the EOS id and treats every title length alike; padded
+positions never reach a real token (their keys are masked) nor the mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tigerfg_jax.models import partitioning, transformer
+
+_VARIANTS = {
+    "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    # CLIP's text transformer, so that `convert` can import its weights.
+    "B": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+}
+
+
+def decode_text_variant(name: str) -> dict[str, int]:
+  """Text transformer size by name: 'mu' (tests), 'S', 'B'.
+
+  Returns:
+    `dict(width, depth, mlp_dim, num_heads)`.
+  """
+  if name not in _VARIANTS:
+    raise ValueError(f"config.model.text_variant={name!r}: unknown text size; "
+                     f"expected one of {sorted(_VARIANTS)}")
+  return dict(_VARIANTS[name])
+
+
+class TextEncoder(nn.Module):
+  """Transformer over title token ids.
+
+  Attributes:
+    variant: size name for `decode_text_variant`.
+    vocab_size: token ids are in `[0, vocab_size)`; must be > 0.
+    max_len: longest title (tokens incl. BOS/EOS) the position table covers.
+    dtype: compute dtype.
+  """
+  variant: str
+  vocab_size: int
+  max_len: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array,
+               mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Encodes titles.
+
+    Args:
+      tokens: int32 `[B, L]`, L <= max_len.
+      mask: bool `[B, L]`, True on real tokens.
+
+    Returns:
+      `(tokens [B, L, Dt], pooled [B, Dt])` in dtype; pooled is the mean over real
+      tokens (zeros for an empty title).
+    """
+    if self.vocab_size <= 0:
+      raise ValueError(
+          f"config.model.vocab_size={self.vocab_size}: must be > 0 (set it from "
+          "the tokenizer's vocabulary size)")
+    length = tokens.shape[1]
+    if length > self.max_len:
+      raise ValueError(f"title length {length} > config.model.max_title_len="
+                       f"{self.max_len}")
+    size = decode_text_variant(self.variant)
+    embed = nn.Embed(
+        self.vocab_size, size["width"], dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=partitioning.init(nn.initializers.normal(0.02),
+                                         ("vocab", "embed")),
+        name="token_embed")
+    position = self.param(
+        "pos_embedding",
+        partitioning.init(nn.initializers.normal(0.01), (None, "embed")),
+        (self.max_len, size["width"]), jnp.float32)
+    x = embed(tokens) + position[:length].astype(self.dtype)
+    x = transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
+                            dtype=self.dtype, name="encoder")(x, mask)
+    weights = mask.astype(jnp.float32)
+    count = jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+    pooled = jnp.einsum("bl,bld->bd", weights / count, x.astype(jnp.float32))
+    return x, pooled.astype(self.dtype)

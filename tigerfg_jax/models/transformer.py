@@ -1,0 +1,141 @@
+"""Transformer pieces shared by the ViT, the text encoder and the pooling heads.
+
+Compute runs in `dtype` (float32 or bfloat16); parameters are float32; attention
+logits and softmax are always float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tigerfg_jax.models import partitioning
+
+Dtype = Any
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """float32 softmax over the last axis, restricted to `mask`.
+
+  Args:
+    logits: `[..., K]`.
+    mask: bool, broadcastable to `logits`; True where a key may be attended. A row
+      with no True key falls back to the uniform distribution over all K keys, so a
+      fully masked row (an empty title, an empty box) stays finite.
+
+  Returns:
+    float32 `[..., K]`, rows sum to 1, exactly 0 outside the mask.
+  """
+  logits = logits.astype(jnp.float32)
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  mask = jnp.broadcast_to(mask, logits.shape)
+  mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention of `queries` over `inputs` that also returns its weights.
+
+  The output width is the queries' width; `inputs` may have another width (the
+  pooling's slots attend over text tokens of the text encoder's width).
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries: jax.Array, inputs: jax.Array,
+               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Attends.
+
+    Args:
+      queries: `[B, Q, D]`.
+      inputs: `[B, K, Din]` keys and values.
+      mask: bool `[B, K]`, True on keys that may be attended (None: all).
+
+    Returns:
+      `([B, Q, D] in dtype, float32 weights [B, H, Q, K])`.
+    """
+    width = queries.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"attention width {width} is not divisible by "
+                       f"{self.num_heads} heads")
+    head_dim = width // self.num_heads
+
+    def heads(name: str) -> nn.DenseGeneral:
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
+          kernel_init=partitioning.init(nn.initializers.xavier_uniform(),
+                                        ("embed", "heads", "kv")),
+          bias_init=partitioning.init(nn.initializers.zeros, ("heads", "kv")),
+          name=name)
+
+    query = heads("query")(queries) * head_dim**-0.5
+    key = heads("key")(inputs)
+    value = heads("value")(inputs)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    weights = masked_softmax(
+        logits, None if mask is None else mask[:, None, None, :])
+    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
+    out = nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=partitioning.init(nn.initializers.xavier_uniform(),
+                                      ("heads", "kv", "embed")),
+        bias_init=partitioning.init(nn.initializers.zeros, ("embed",)),
+        name="out")(mixed)
+    return out, weights
+
+
+class MlpBlock(nn.Module):
+  """Dense(mlp_dim) -> GELU -> Dense(out_dim, default: the input width)."""
+  mlp_dim: int
+  out_dim: int | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., D] -> [..., out_dim]`."""
+    out_dim = self.out_dim or x.shape[-1]
+    x = partitioning.dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype,
+                           name="fc1")(x)
+    # Exact GELU, as in the PyTorch ViTs whose weights `convert` imports.
+    x = nn.gelu(x, approximate=False)
+    return partitioning.dense(out_dim, ("mlp", "embed"), dtype=self.dtype,
+                              name="fc2")(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """`[B, T, D]` (mask: bool `[B, T]` of keys to attend) -> `[B, T, D]`."""
+    y = partitioning.layer_norm(dtype=self.dtype, name="norm1")(x)
+    y, _ = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
+        y, y, mask)
+    x = x + y
+    y = partitioning.layer_norm(dtype=self.dtype, name="norm2")(x)
+    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+
+
+class Encoder(nn.Module):
+  """`depth` pre-LN blocks and a final LayerNorm."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """`[B, T, D]` (mask: bool `[B, T]` of keys to attend) -> `[B, T, D]`."""
+    for i in range(self.depth):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                       name=f"block_{i}")(x, mask)
+    return partitioning.layer_norm(dtype=self.dtype, name="norm")(x)

@@ -1,0 +1,94 @@
+"""ViT image encoder with registers (Dosovitskiy et al. 2020; Darcet et al. 2023).
+
+Token layout of the output: `[CLS, register_1..R, patch_1..N]`, patches row-major over
+the `S/patch x S/patch` grid. The learned position embedding covers the patches only
+(as in big_vision); CLS and registers carry none, being position-free by design (a
+converted CLIP checkpoint folds its CLS position into the CLS token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tigerfg_jax.models import partitioning, transformer
+
+_VARIANTS = {
+    "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+}
+
+
+def decode_variant(name: str) -> dict[str, int]:
+  """ViT size by name: 'mu' (tests), 'Ti/16', 'S/16', 'B/16', 'L/14' (or without '/p').
+
+  The '/p' suffix names the usual patch size; the patch actually used is
+  `config.model.patch_size`.
+
+  Returns:
+    `dict(width, depth, mlp_dim, num_heads)`.
+  """
+  size = name.split("/")[0]
+  if size not in _VARIANTS:
+    raise ValueError(f"config.model.vision_variant={name!r}: unknown ViT size; "
+                     f"expected one of {sorted(_VARIANTS)} (optionally with '/patch')")
+  return dict(_VARIANTS[size])
+
+
+class VisionEncoder(nn.Module):
+  """ViT over normalised float pixels.
+
+  Attributes:
+    variant: size name for `decode_variant`.
+    patch_size: patch side in pixels; the image side must be a multiple of it.
+    num_registers: R register tokens.
+    dtype: compute dtype.
+  """
+  variant: str
+  patch_size: int
+  num_registers: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """`[B, S, S, 3]` normalised pixels -> tokens `[B, 1 + R + N, D]` in dtype."""
+    size = decode_variant(self.variant)
+    width = size["width"]
+    image_h, image_w = images.shape[1:3]
+    if image_h % self.patch_size or image_w % self.patch_size:
+      raise ValueError(f"image size {image_h}x{image_w} is not a multiple of "
+                       f"config.model.patch_size={self.patch_size}")
+    x = nn.Conv(
+        width, (self.patch_size, self.patch_size), strides=self.patch_size,
+        padding="VALID", dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=partitioning.init(nn.initializers.lecun_normal(),
+                                      (None, None, None, "embed")),
+        bias_init=partitioning.init(nn.initializers.zeros, ("embed",)),
+        name="patch_embed")(images.astype(self.dtype))
+    batch, grid_h, grid_w, _ = x.shape
+    x = x.reshape(batch, grid_h * grid_w, width)
+    position = self.param(
+        "pos_embedding",
+        partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
+        (grid_h * grid_w, width), jnp.float32)
+    x = x + position.astype(self.dtype)
+    cls = self.param(
+        "cls", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
+        (1, width), jnp.float32)
+    prefix = [cls]
+    if self.num_registers:
+      prefix.append(self.param(
+          "registers",
+          partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
+          (self.num_registers, width), jnp.float32))
+    prefix = jnp.concatenate(prefix).astype(self.dtype)
+    x = jnp.concatenate(
+        [jnp.broadcast_to(prefix, (batch, *prefix.shape)), x], axis=1)
+    return transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
+                               dtype=self.dtype, name="encoder")(x)

@@ -1,0 +1,37 @@
+"""The optimizer: AdamW with linear warmup + cosine decay and global-norm clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=train_config.learning_rate,
+      warmup_steps=train_config.warmup_steps,
+      decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
+      end_value=train_config.learning_rate * 0.01)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices only: not on biases, norms, or the log-temperature."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(train_config),
+                  weight_decay=train_config.weight_decay, mask=_decay_mask))
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: Any,
+                        param_shardings: Any, replicated: Any) -> Any:
+  """Moments sharded like their params (FSDP shards them too); counters replicated."""
+  return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state,
+                               param_shardings, transform_non_params=lambda _: replicated)

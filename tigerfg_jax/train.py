@@ -1,0 +1,274 @@
+"""Training and evaluation of one stage: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom like big_vision's train.py: config checks, data, tokenizer, mesh and
+shardings, model and optimizer, teacher, checkpoint restore, the jitted update step,
+the train loop, the final evaluation. The `distill` stage trains its teacher first in
+WORKDIR/teacher when `config.teacher.checkpoint` is not given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from tigerfg_jax import checkpointing
+from tigerfg_jax import config_lib
+from tigerfg_jax import evaluate
+from tigerfg_jax import metric_writer
+from tigerfg_jax import optim
+from tigerfg_jax import sharding
+from tigerfg_jax import train_step
+from tigerfg_jax.data import catalog_root
+from tigerfg_jax.data import pipeline
+from tigerfg_jax.data.tokenizer import TitleTokenizer
+from tigerfg_jax.models import towers
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------- config ---
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no saved config; is {workdir} a tigerfg_jax workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def teacher_stage_config(config: ml_collections.ConfigDict,
+                         data_root: str) -> ml_collections.ConfigDict:
+  """The `teacher` stage at the same preset and data as a `distill` config."""
+  teacher = config_lib.experiment_config("teacher", config.preset)
+  teacher.seed = config.seed
+  teacher.data = config.data.copy_and_resolve_references()
+  teacher.data.root = data_root
+  teacher.mesh = config.mesh.copy_and_resolve_references()
+  teacher.eval = config.eval.copy_and_resolve_references()
+  teacher.train.steps = config.train.steps
+  teacher.train.batch_size = config.train.batch_size
+  return teacher
+
+
+# ------------------------------------------------------------------------ model ---
+
+def model_for(config: ml_collections.ConfigDict, vocab_size: int) -> towers.TigerFG:
+  model_config = config.model.copy_and_resolve_references()
+  model_config.vocab_size = vocab_size
+  return towers.TigerFG(ml_collections.FrozenConfigDict(model_config))
+
+
+def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, Any]:
+  """Shape-only stand-in of a training batch (ARCHITECTURE.md) for init/eval_shape."""
+  item, query = config.data.item_image_size, config.data.query_image_size
+  num_patches = (item // config.model.patch_size) ** 2
+  length = config.model.max_title_len
+  return {
+      "query_image": jnp.zeros((batch_size, query, query, 3), jnp.uint8),
+      "item_image": jnp.zeros((batch_size, item, item, 3), jnp.uint8),
+      "title_tokens": jnp.zeros((batch_size, length), jnp.int32),
+      "title_mask": jnp.ones((batch_size, length), bool),
+      "box": jnp.zeros((batch_size, 4), jnp.float32),
+      "has_box": jnp.zeros((batch_size,), bool),
+      "spatial_target": jnp.full((batch_size, num_patches), 1 / num_patches, jnp.float32),
+      "group": jnp.arange(batch_size, dtype=jnp.int32),
+  }
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(boxed abstract variables, NamedShardings of the unboxed params) without allocating."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_batch(config, 2)))
+  shardings = sharding.param_shardings(boxed, mesh, config.mesh.param_sharding)
+  return boxed, shardings["params"]
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+# ---------------------------------------------------------------------- teacher ---
+
+def needs_teacher(config: ml_collections.ConfigDict) -> bool:
+  loss = config.loss
+  return config.stage == "distill" and (
+      loss.w_sim > 0 or (loss.w_spatial > 0 and loss.spatial_target == "teacher"))
+
+
+def load_teacher(teacher_dir: str, mesh: jax.sharding.Mesh,
+                 vocab_size: int) -> tuple[towers.TigerFG, Any]:
+  """The frozen teacher model and its params, read from a teacher run's workdir."""
+  teacher_config = load_config(teacher_dir)
+  model = model_for(teacher_config, vocab_size)
+  boxed, param_shardings = abstract_params(model, teacher_config, mesh)
+  abstract = with_shardings(nn.meta.unbox(boxed)["params"], param_shardings)
+  params = checkpointing.restore_params(os.path.join(teacher_dir, "checkpoints"), abstract)
+  return model, params
+
+
+def resolve_teacher(config: ml_collections.ConfigDict, workdir: str, data_root: str) -> str:
+  """A teacher workdir: the configured one, or WORKDIR/teacher trained now."""
+  if config.teacher.checkpoint:
+    return config.teacher.checkpoint
+  teacher_dir = os.path.join(workdir, "teacher")
+  logging.info("No teacher.checkpoint: training the teacher stage in %s", teacher_dir)
+  train_and_evaluate(teacher_stage_config(config, data_root), teacher_dir)
+  return teacher_dir
+
+
+def title_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                    train_titles: list[str], teacher_dir: str | None) -> TitleTokenizer:
+  """The teacher's tokenizer when distilling (ids must agree), else this run's own."""
+  own = os.path.join(workdir, TOKENIZER_FILE)
+  if teacher_dir is not None:
+    tokenizer = TitleTokenizer.load(os.path.join(teacher_dir, TOKENIZER_FILE))
+  elif os.path.exists(own):
+    tokenizer = TitleTokenizer.load(own)
+  elif config.data.tokenizer:
+    tokenizer = TitleTokenizer.load(config.data.tokenizer)
+  else:
+    tokenizer = TitleTokenizer.train(train_titles, config.data.vocab_size)
+  if jax.process_index() == 0 and not os.path.exists(own):
+    tokenizer.save(own)
+  return tokenizer
+
+
+# ------------------------------------------------------------------- the stage ---
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after: int | None = None) -> dict[str, Any] | None:
+  """Trains `config.stage` in `workdir` (resuming if it holds a checkpoint), evaluates.
+
+  Args:
+    config: an experiment config (`config_lib.experiment_config`).
+    workdir: output folder (DESIGN.md section 8 lists what it holds).
+    stop_after: leave after this many steps in this call (as a preempted job would),
+      with a checkpoint written; the next call resumes. None: run to the end.
+
+  Returns:
+    `{split: metrics}` from the final evaluation, or None when stopped early.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    save_config(config, workdir)
+
+  # --- data and tokenizer ---
+  data_root = catalog_root(config.data, workdir)
+  cache_dir = os.path.join(data_root, ".cache")
+  train_split = pipeline.load_split(data_root, "train", cache_dir=cache_dir,
+                                    skip_bad=config.data.skip_bad)
+  teacher_dir = resolve_teacher(config, workdir, data_root) if needs_teacher(config) else None
+  tokenizer = title_tokenizer(config, workdir, train_split.titles, teacher_dir)
+
+  # --- mesh, model, optimizer ---
+  mesh = sharding.make_mesh(config.mesh)
+  data_axis = mesh.shape["data"]
+  batch_size = config.train.batch_size
+  if batch_size % data_axis or batch_size % jax.process_count():
+    raise ValueError(
+        f"config.train.batch_size={batch_size} must be divisible by the 'data' mesh "
+        f"axis ({data_axis} devices) and the {jax.process_count()} processes")
+  model = model_for(config, tokenizer.vocab_size)
+  optimizer = optim.make_optimizer(config.train)
+  _, param_shardings = abstract_params(model, config, mesh)
+  repl = sharding.replicated(mesh)
+
+  def init_state(rng):
+    params = nn.meta.unbox(model.init(rng, dummy_batch(config, 2)))["params"]
+    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=optimizer.init(params),
+                                 rng=jax.random.fold_in(rng, 1))
+
+  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_shardings = jax.tree.map(lambda _: repl, abstract_state)
+  state_shardings = state_shardings.replace(
+      params=param_shardings,
+      opt_state=optim.opt_state_shardings(optimizer, abstract_state.opt_state,
+                                          param_shardings, repl))
+
+  # --- teacher ---
+  teacher_model, teacher_params = None, None
+  if teacher_dir is not None:
+    teacher_model, teacher_params = load_teacher(teacher_dir, mesh, tokenizer.vocab_size)
+  teacher_shardings = (None if teacher_params is None
+                       else jax.tree.map(lambda a: a.sharding, teacher_params))
+
+  # --- input pipeline and checkpoint restore ---
+  train_iter = pipeline.train_iterator(
+      train_split, tokenizer, config.data, batch_size=batch_size,
+      patch_size=config.model.patch_size, max_title_len=config.model.max_title_len,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                       config.train.keep_checkpoints)
+  if manager.latest_step() is not None:
+    step0 = manager.latest_step()
+    logging.info("Resuming from %s/%d", manager.directory, step0)
+    state, data_state = checkpointing.restore(
+        manager, step0, with_shardings(abstract_state, state_shardings))
+    train_iter.set_state(data_state)
+  else:
+    init = jax.jit(init_state, out_shardings=state_shardings)
+    state = init(jax.random.PRNGKey(config.seed))
+
+  # --- the update step ---
+  loss_fn = train_step.make_loss_fn(model, teacher_model, config.stage, config.loss)
+  batch_sharding = sharding.batch_sharding(mesh)
+  update = jax.jit(
+      train_step.make_update_fn(loss_fn, optimizer),
+      in_shardings=(state_shardings, teacher_shardings, batch_sharding),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+
+  # --- train loop ---
+  total = config.train.steps
+  first = int(state.step)
+  last = total if stop_after is None else min(total, first + stop_after)
+  writer = metric_writer.MetricWriter(workdir)
+  timer = metric_writer.StepTimer(first, total, batch_size)
+  for step in range(first + 1, last + 1):
+    batch = sharding.global_batch(next(train_iter), batch_sharding)
+    state, measurements = update(state, teacher_params, batch)
+    is_log = step % config.train.log_every == 0 or step == last
+    is_ckpt = step % config.train.checkpoint_every == 0 or step == last
+    if is_log or is_ckpt:
+      scalars = {k: float(v) for k, v in jax.device_get(measurements).items()}
+      if not np.isfinite(scalars["loss"]):
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f"loss is {scalars['loss']} at step {step} ({scalars}); stopping. The last "
+            f"good checkpoint is step {manager.latest_step()} in {manager.directory}")
+      scalars.update(timer.tick(step))
+      if is_log:
+        writer.write(step, scalars)
+        metric_writer.log_progress(step, total, scalars)
+    if is_ckpt:
+      checkpointing.save(manager, step, state, train_iter.get_state())
+  manager.wait_until_finished()
+  writer.close()
+  if last < total:
+    return None
+
+  # --- evaluation ---
+  return evaluate.evaluate_all(model, state.params, tokenizer, data_root, config, mesh,
+                               workdir)
