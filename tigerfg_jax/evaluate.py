@@ -20,7 +20,6 @@ from tqdm import tqdm
 from tigerfg_jax import index
 from tigerfg_jax import metrics
 from tigerfg_jax import sharding
-from tigerfg_jax.data import folder
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.models import towers
@@ -106,16 +105,14 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate_all(model: towers.TigerFG, params: Any, tokenizer: TitleTokenizer,
-                 data_root: str, config: ml_collections.ConfigDict,
+                 splits: dict[str, pipeline.Split], config: ml_collections.ConfigDict,
                  mesh: jax.sharding.Mesh, workdir: str) -> dict[str, dict[str, Any]]:
-  """Evaluates every `eval*` split; writes `workdir/eval/results.json`, prints a table."""
+  """Evaluates each split; writes `workdir/eval/results.json`, prints a table."""
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   embed_query, embed_item = make_embed_fns(model, params, mesh)
   results = {}
-  for name in folder.eval_splits(data_root):
-    split = pipeline.load_split(data_root, name, cache_dir=os.path.join(data_root, ".cache"),
-                                skip_bad=config.data.skip_bad)
+  for name, split in splits.items():
     results[name] = evaluate_split(split, embed_query, embed_item, tokenizer, config,
                                    mesh, out_dir)
   if jax.process_index() == 0:

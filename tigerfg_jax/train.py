@@ -8,9 +8,10 @@ WORKDIR/teacher when `config.teacher.checkpoint` is not given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tigerfg_jax import checkpointing
 from tigerfg_jax import config_lib
@@ -27,6 +29,7 @@ from tigerfg_jax import optim
 from tigerfg_jax import sharding
 from tigerfg_jax import train_step
 from tigerfg_jax.data import catalog_root
+from tigerfg_jax.data import folder
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.models import towers
@@ -66,6 +69,32 @@ def teacher_stage_config(config: ml_collections.ConfigDict,
   teacher.train.steps = config.train.steps
   teacher.train.batch_size = config.train.batch_size
   return teacher
+
+
+# ------------------------------------------------------------------------- data ---
+
+def prepare_data(config: ml_collections.ConfigDict,
+                 workdir: str) -> tuple[str, dict[str, pipeline.Split]]:
+  """The dataset root and its validated splits (`train` and every `eval*` split).
+
+  Process 0 writes the synthetic catalog (when no `data.root`) and the ArrayRecord
+  cache first; the other processes wait for it, then read the same files. Every split
+  is validated here, before any training.
+  """
+  def load():
+    root = catalog_root(config.data, workdir)
+    names = ["train", *folder.eval_splits(root)]
+    return root, {name: pipeline.load_split(root, name,
+                                            cache_dir=os.path.join(root, ".cache"),
+                                            skip_bad=config.data.skip_bad)
+                  for name in names}
+
+  if jax.process_count() == 1:
+    return load()
+  if jax.process_index() == 0:
+    load()
+  multihost_utils.sync_global_devices("tigerfg_jax data prepared")
+  return load()
 
 
 # ------------------------------------------------------------------------ model ---
@@ -130,6 +159,8 @@ def resolve_teacher(config: ml_collections.ConfigDict, workdir: str, data_root: 
   if config.teacher.checkpoint:
     return config.teacher.checkpoint
   teacher_dir = os.path.join(workdir, "teacher")
+  if os.path.exists(os.path.join(teacher_dir, "eval", "results.json")):
+    return teacher_dir
   logging.info("No teacher.checkpoint: training the teacher stage in %s", teacher_dir)
   train_and_evaluate(teacher_stage_config(config, data_root), teacher_dir)
   return teacher_dir
@@ -152,6 +183,56 @@ def title_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer
 
 
+# ------------------------------------------------------------------- trainer ---
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The jitted pieces of one stage, with their shardings.
+
+  init: `(rng) -> TrainState`, laid out by `abstract_state`'s shardings.
+  update: `(state, teacher_params, batch) -> (state, measurements)`; donates `state`.
+  """
+  model: towers.TigerFG
+  abstract_state: Any
+  batch_sharding: jax.sharding.NamedSharding
+  init: Callable[[jax.Array], train_step.TrainState]
+  update: Callable[..., Any]
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 vocab_size: int, teacher_model: towers.TigerFG | None = None,
+                 teacher_params: Any = None) -> Trainer:
+  """Builds the model, optimizer, state shardings and the jitted init/update."""
+  model = model_for(config, vocab_size)
+  optimizer = optim.make_optimizer(config.train)
+  _, param_shardings = abstract_params(model, config, mesh)
+  repl = sharding.replicated(mesh)
+
+  def init_state(rng):
+    params = nn.meta.unbox(model.init(rng, dummy_batch(config, 2)))["params"]
+    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=optimizer.init(params),
+                                 rng=jax.random.fold_in(rng, 1))
+
+  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_shardings = jax.tree.map(lambda _: repl, abstract_state).replace(
+      params=param_shardings,
+      opt_state=optim.opt_state_shardings(optimizer, abstract_state.opt_state,
+                                          param_shardings, repl))
+  teacher_shardings = (None if teacher_params is None
+                       else jax.tree.map(lambda a: a.sharding, teacher_params))
+  loss_fn = train_step.make_loss_fn(model, teacher_model, config.stage, config.loss)
+  batch_sharding = sharding.batch_sharding(mesh)
+  update = jax.jit(train_step.make_update_fn(loss_fn, optimizer),
+                   in_shardings=(state_shardings, teacher_shardings, batch_sharding),
+                   out_shardings=(state_shardings, repl), donate_argnums=(0,))
+  return Trainer(model=model,
+                 abstract_state=with_shardings(abstract_state, state_shardings),
+                 batch_sharding=batch_sharding,
+                 init=jax.jit(init_state, out_shardings=state_shardings),
+                 update=update)
+
+
 # ------------------------------------------------------------------- the stage ---
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -168,54 +249,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     `{split: metrics}` from the final evaluation, or None when stopped early.
   """
   config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_size = config.train.batch_size
+  if batch_size % mesh.shape["data"] or batch_size % jax.process_count():
+    raise ValueError(
+        f"config.train.batch_size={batch_size} must be divisible by the 'data' mesh "
+        f"axis ({mesh.shape['data']} devices) and the {jax.process_count()} processes")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     save_config(config, workdir)
 
   # --- data and tokenizer ---
-  data_root = catalog_root(config.data, workdir)
-  cache_dir = os.path.join(data_root, ".cache")
-  train_split = pipeline.load_split(data_root, "train", cache_dir=cache_dir,
-                                    skip_bad=config.data.skip_bad)
+  data_root, splits = prepare_data(config, workdir)
   teacher_dir = resolve_teacher(config, workdir, data_root) if needs_teacher(config) else None
-  tokenizer = title_tokenizer(config, workdir, train_split.titles, teacher_dir)
+  tokenizer = title_tokenizer(config, workdir, splits["train"].titles, teacher_dir)
 
-  # --- mesh, model, optimizer ---
-  mesh = sharding.make_mesh(config.mesh)
-  data_axis = mesh.shape["data"]
-  batch_size = config.train.batch_size
-  if batch_size % data_axis or batch_size % jax.process_count():
-    raise ValueError(
-        f"config.train.batch_size={batch_size} must be divisible by the 'data' mesh "
-        f"axis ({data_axis} devices) and the {jax.process_count()} processes")
-  model = model_for(config, tokenizer.vocab_size)
-  optimizer = optim.make_optimizer(config.train)
-  _, param_shardings = abstract_params(model, config, mesh)
-  repl = sharding.replicated(mesh)
-
-  def init_state(rng):
-    params = nn.meta.unbox(model.init(rng, dummy_batch(config, 2)))["params"]
-    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                 opt_state=optimizer.init(params),
-                                 rng=jax.random.fold_in(rng, 1))
-
-  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_shardings = jax.tree.map(lambda _: repl, abstract_state)
-  state_shardings = state_shardings.replace(
-      params=param_shardings,
-      opt_state=optim.opt_state_shardings(optimizer, abstract_state.opt_state,
-                                          param_shardings, repl))
-
-  # --- teacher ---
+  # --- model, optimizer, teacher ---
   teacher_model, teacher_params = None, None
   if teacher_dir is not None:
     teacher_model, teacher_params = load_teacher(teacher_dir, mesh, tokenizer.vocab_size)
-  teacher_shardings = (None if teacher_params is None
-                       else jax.tree.map(lambda a: a.sharding, teacher_params))
+  trainer = make_trainer(config, mesh, tokenizer.vocab_size, teacher_model, teacher_params)
 
   # --- input pipeline and checkpoint restore ---
   train_iter = pipeline.train_iterator(
-      train_split, tokenizer, config.data, batch_size=batch_size,
+      splits["train"], tokenizer, config.data, batch_size=batch_size,
       patch_size=config.model.patch_size, max_title_len=config.model.max_title_len,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -224,21 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if manager.latest_step() is not None:
     step0 = manager.latest_step()
     logging.info("Resuming from %s/%d", manager.directory, step0)
-    state, data_state = checkpointing.restore(
-        manager, step0, with_shardings(abstract_state, state_shardings))
+    state, data_state = checkpointing.restore(manager, step0, trainer.abstract_state)
     train_iter.set_state(data_state)
   else:
-    init = jax.jit(init_state, out_shardings=state_shardings)
-    state = init(jax.random.PRNGKey(config.seed))
-
-  # --- the update step ---
-  loss_fn = train_step.make_loss_fn(model, teacher_model, config.stage, config.loss)
-  batch_sharding = sharding.batch_sharding(mesh)
-  update = jax.jit(
-      train_step.make_update_fn(loss_fn, optimizer),
-      in_shardings=(state_shardings, teacher_shardings, batch_sharding),
-      out_shardings=(state_shardings, repl),
-      donate_argnums=(0,))
+    state = trainer.init(jax.random.PRNGKey(config.seed))
 
   # --- train loop ---
   total = config.train.steps
@@ -247,8 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writer.MetricWriter(workdir)
   timer = metric_writer.StepTimer(first, total, batch_size)
   for step in range(first + 1, last + 1):
-    batch = sharding.global_batch(next(train_iter), batch_sharding)
-    state, measurements = update(state, teacher_params, batch)
+    batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
+    state, measurements = trainer.update(state, teacher_params, batch)
     is_log = step % config.train.log_every == 0 or step == last
     is_ckpt = step % config.train.checkpoint_every == 0 or step == last
     if is_log or is_ckpt:
@@ -270,5 +316,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return None
 
   # --- evaluation ---
-  return evaluate.evaluate_all(model, state.params, tokenizer, data_root, config, mesh,
-                               workdir)
+  eval_splits = {name: split for name, split in splits.items() if name != "train"}
+  return evaluate.evaluate_all(trainer.model, state.params, tokenizer, eval_splits, config,
+                               mesh, workdir)

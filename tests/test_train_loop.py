@@ -1,0 +1,88 @@
+"""The whole stage on the micro preset: outputs, resume, teacher-first distillation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import train_helpers
+from tigerfg_jax import train
+from tigerfg_jax.data import synthetic
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+  root = tmp_path_factory.mktemp("catalog")
+  synthetic.write_catalog(str(root), seed=0, items=24, image_size=32)
+  return str(root)
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _final_params(workdir, config):
+  """The params of the last checkpoint, restored through the trainer's layout."""
+  from tigerfg_jax import checkpointing, sharding
+  tokenizer = train.title_tokenizer(config, workdir, [], None)
+  mesh = sharding.make_mesh(config.mesh)
+  trainer = train.make_trainer(config, mesh, tokenizer.vocab_size)
+  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
+  state, data_state = checkpointing.restore(manager, manager.latest_step(),
+                                            trainer.abstract_state)
+  return state, data_state
+
+
+def test_resume_equals_uninterrupted(tmp_path, catalog):
+  config = train_helpers.micro_config(**{
+      "train.steps": 12, "train.log_every": 1, "train.checkpoint_every": 4,
+      "loss.w_sim": 0.0, "data.root": catalog})
+  straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  straight = train.train_and_evaluate(config, straight_dir)
+  assert train.train_and_evaluate(config, resumed_dir, stop_after=6) is None
+  assert max(row["step"] for row in _read_metrics(resumed_dir)) == 6
+  resumed = train.train_and_evaluate(config, resumed_dir)
+
+  rows_straight = _read_metrics(straight_dir)
+  rows_resumed = _read_metrics(resumed_dir)
+  assert [r["step"] for r in rows_resumed] == list(range(1, 13))
+  for a, b in zip(rows_straight, rows_resumed):
+    for key in ("loss", "infonce", "spatial_map", "temperature"):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
+  state_a, data_a = _final_params(straight_dir, config)
+  state_b, data_b = _final_params(resumed_dir, config)
+  assert data_a == data_b
+  assert int(state_a.step) == int(state_b.step) == 12
+  for a, b in zip(np.asarray(list(_leaves(state_a.params))),
+                  np.asarray(list(_leaves(state_b.params)))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert straight == resumed
+
+
+def _leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path, catalog):
+  config = train_helpers.micro_config(**{"train.steps": 4, "train.log_every": 2,
+                                         "data.root": catalog})
+  workdir = str(tmp_path / "run")
+  results = train.train_and_evaluate(config, workdir)
+  teacher_dir = os.path.join(workdir, "teacher")
+  assert os.path.isdir(os.path.join(teacher_dir, "checkpoints"))
+  assert json.load(open(os.path.join(teacher_dir, "config.json")))["stage"] == "teacher"
+  rows = _read_metrics(workdir)
+  assert [r["step"] for r in rows] == [2, 4]
+  for row in rows:
+    for key in ("loss", "infonce", "similarity_kl", "spatial_map", "temperature"):
+      assert np.isfinite(row[key]), key
+  on_disk = json.load(open(os.path.join(workdir, "eval", "results.json")))
+  assert set(on_disk) == {"eval_normal", "eval_cluttered"} == set(results)
+  for split in on_disk.values():
+    assert {"R@1", "R@5", "R@10", "mAP@10", "num_queries", "num_items"} <= set(split)
+    assert 0 <= split["R@1"] <= split["R@5"] <= split["R@10"] <= 100
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)

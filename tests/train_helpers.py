@@ -1,0 +1,50 @@
+"""Shared by the training tests: tiny configs and random batches in the batch contract."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tigerfg_jax import config_lib
+
+VOCAB_SIZE = 40
+
+
+def micro_config(stage: str = "distill", **overrides):
+  """The `micro` preset with `overrides` given as {'train.steps': 3, ...}."""
+  config = config_lib.experiment_config(stage, "micro")
+  if stage == "clip_style":
+    config.model.mode = "clip_style"
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def random_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+  """A batch with every key of docs/ARCHITECTURE.md, random but well-formed."""
+  rng = np.random.default_rng(seed)
+  item, query = config.data.item_image_size, config.data.query_image_size
+  grid = item // config.model.patch_size
+  length = config.model.max_title_len
+  lengths = rng.integers(3, length + 1, batch_size)
+  mask = np.arange(length)[None, :] < lengths[:, None]
+  tokens = np.where(mask, rng.integers(4, VOCAB_SIZE, (batch_size, length)), 0)
+  target = np.zeros((batch_size, grid, grid), np.float32)
+  for b in range(batch_size):
+    y0, x0 = rng.integers(0, grid - 1, 2)
+    target[b, y0:y0 + 2, x0:x0 + 2] = 1
+  target = target.reshape(batch_size, -1)
+  target /= target.sum(-1, keepdims=True)
+  return {
+      "query_image": rng.integers(0, 256, (batch_size, query, query, 3), np.uint8),
+      "item_image": rng.integers(0, 256, (batch_size, item, item, 3), np.uint8),
+      "title_tokens": tokens.astype(np.int32),
+      "title_mask": mask,
+      "box": rng.uniform(0, 1, (batch_size, 4)).astype(np.float32),
+      "has_box": np.ones(batch_size, bool),
+      "spatial_target": target,
+      "group": np.arange(batch_size, dtype=np.int32) // 2,
+  }
