@@ -22,11 +22,12 @@ def test_gradient_matches_finite_differences():
   loss_fn = train_step.make_loss_fn(trainer.model, None, config.stage, config.loss)
   rng = jax.random.PRNGKey(1)
 
+  @jax.jit
   def loss_of(params):
     return loss_fn(params, None, batch, rng)[0]
 
   params = state.params
-  grads = jax.grad(loss_of)(params)
+  grads = jax.jit(jax.grad(loss_of))(params)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(2), 3)
   for key in keys:

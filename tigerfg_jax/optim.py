@@ -10,8 +10,9 @@ import optax
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+  # Warmup starts one increment above zero so that the first step already updates.
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
+      init_value=train_config.learning_rate / (train_config.warmup_steps + 1),
       peak_value=train_config.learning_rate,
       warmup_steps=train_config.warmup_steps,
       decay_steps=max(train_config.steps, train_config.warmup_steps + 1),

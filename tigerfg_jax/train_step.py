@@ -101,9 +101,9 @@ def make_update_fn(loss_fn: Callable[..., Any],
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     measurements = dict(terms, loss=loss, temperature=temperature,
-                        l2_grads=optax.global_norm(grads),
-                        l2_params=optax.global_norm(params),
-                        l2_updates=optax.global_norm(updates))
+                        l2_grads=optax.tree.norm(grads),
+                        l2_params=optax.tree.norm(params),
+                        l2_updates=optax.tree.norm(updates))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, measurements
   return update

@@ -45,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
       # while a tree of ~sqrt(M) tiny leaves costs seconds of k-means and some recall).
       brute_force_below=20_000,
       num_leaves=0,                 # tree leaves; 0 = round(sqrt(M)).
-      leaves_to_search=0,           # 0 = max(10% of the leaves, min(leaves, 8)).
+      leaves_to_search=0,           # 0 = max(10% of the leaves, min(leaves, 20)).
       training_sample_size=100_000,  # k-means / AH training rows (capped at M).
       dims_per_block=2,             # asymmetric hashing: dimensions per 4-bit code.
       anisotropic_threshold=0.2,    # AH anisotropic loss threshold (ScaNN's MIPS default).
@@ -59,15 +59,20 @@ def default_config() -> ml_collections.ConfigDict:
 
 def resolve_config(config: Mapping[str, Any] | None = None,
                    **overrides: Any) -> ml_collections.ConfigDict:
-  """`default_config()` updated with `config` then `overrides`; rejects unknown keys."""
+  """`default_config()` updated with `config`, then `overrides`.
+
+  `config` may be a larger section (e.g. the experiment's `config.eval`, whose keys
+  the experiment config already validates): only index keys are read from it.
+  `overrides` must all be index keys.
+  """
   resolved = default_config()
-  updates = dict(config.items()) if config is not None else {}
-  updates.update(overrides)
-  unknown = sorted(set(updates) - set(resolved.keys()))
+  unknown = sorted(set(overrides) - set(resolved.keys()))
   if unknown:
     raise ValueError(f"index config: unknown keys {unknown}; known keys are "
                      f"{sorted(resolved.keys())}")
-  resolved.update(updates)
+  if config is not None:
+    resolved.update({k: v for k, v in config.items() if k in resolved})
+  resolved.update(overrides)
   for key in ("chunk_size", "query_batch_size", "dims_per_block",
               "training_sample_size"):
     if resolved[key] < 1:

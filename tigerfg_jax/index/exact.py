@@ -4,8 +4,8 @@ The catalog `[M, E]` is zero-padded to `D * S` rows (D devices on a 1-D mesh axi
 'items', S rows per device, a multiple of the chunk size C) and placed with
 `NamedSharding(mesh, P('items'))`. Per device (`jax.shard_map`), a `lax.scan` walks the
 shard in chunks of C rows: scores `[Qb, C]`, the chunk's top k, merged with the running
-top k. Padded rows score -inf. The D per-device top-k lists are then merged on the
-host of the jitted function. Memory stays at O(Qb * C) scores per device whatever M is;
+top k. Padded rows score -inf. The D per-device top-k lists are then merged in the
+same jitted function. Memory stays at O(Qb * C) scores per device whatever M is;
 queries go in batches of at most `query_batch_size` rows (padded to a power of two so
 only a few shapes compile).
 
@@ -53,8 +53,11 @@ def _shard_top_k(catalog: jax.Array, queries: jax.Array, *, k: int, chunk: int,
     top_scores, top = jax.lax.top_k(merged_scores, k)
     return (top_scores, jnp.take_along_axis(merged_rows, top, axis=1)), None
 
-  init = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
-          jnp.full((queries.shape[0], k), num_items, jnp.int32))
+  # Placeholders that lose to any real row; marked as varying over the device axis
+  # like the per-device results that replace them.
+  init = jax.lax.pcast((jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32),
+                        jnp.full((queries.shape[0], k), num_items, jnp.int32)),
+                       (AXIS,), to="varying")
   blocks = catalog.reshape(num_chunks, chunk, dim)
   (scores, rows), _ = jax.lax.scan(step, init, (blocks, chunk_starts))
   return scores[None], rows[None]
@@ -103,6 +106,11 @@ class ExactIndex(base.Index):
         functools.partial(_search, chunk=self._chunk, num_items=self.num_items,
                           select=self._select, mesh=self._mesh),
         static_argnames="k")
+
+  @property
+  def num_shards(self) -> int:
+    """Devices the catalog is sharded over."""
+    return len(self._catalog.sharding.device_set)
 
   def _search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _query_bucket(len(queries), self.config.query_batch_size)
