@@ -44,7 +44,7 @@ _CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 def _model_config(preset: str) -> ml_collections.ConfigDict:
   vision, text, patch, slots, heads, mlp = {
       "micro": ("mu", "mu", 8, 2, 2, 64),
-      "tiny": ("Ti/16", "mu", 8, 4, 4, 256),
+      "tiny": ("pico", "pico", 8, 4, 4, 192),
       "b16": ("B/16", "S", 16, 8, 8, 1024),
   }[preset]
   return ml_collections.ConfigDict(dict(
@@ -96,7 +96,7 @@ def _data_config(preset: str) -> ml_collections.ConfigDict:
 def _train_config(preset: str) -> ml_collections.ConfigDict:
   steps, batch, lr = {
       "micro": (6, 8, 1e-3),
-      "tiny": (600, 64, 1e-3),
+      "tiny": (300, 32, 1e-3),
       "b16": (20_000, 1024, 5e-4),
   }[preset]
   return ml_collections.ConfigDict(dict(

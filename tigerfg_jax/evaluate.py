@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from tigerfg_jax import index
@@ -118,7 +117,5 @@ def evaluate_all(model: towers.TigerFG, params: Any, tokenizer: TitleTokenizer,
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
-    table = format_table(results)
-    logging.info("Retrieval results (%s):\n%s", workdir, table)
-    print(table, flush=True)
+    print(f"Retrieval results ({workdir}):\n{format_table(results)}", flush=True)
   return results

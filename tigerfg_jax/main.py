@@ -11,6 +11,8 @@ where JAX detects the cluster, or from --coordinator_address/--num_processes/--p
 
 from __future__ import annotations
 
+import logging as std_logging
+
 import jax
 from absl import app
 from absl import flags
@@ -32,9 +34,15 @@ _MULTIHOST = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
+  return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   if _COORDINATOR.value or _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,

@@ -1,0 +1,1 @@
+"""TIGER-FG model: ViT and text encoders, text-guided pooling, the two towers."""

@@ -3,7 +3,8 @@
 Both read tokens that already went through their encoder's final LayerNorm, and both
 take an optional `region_mask` bool `[B, N]` that restricts their attention over the
 patches to those positions (the privileged teacher pools from the ground-truth box).
-A row with no True entry falls back to all patches (`transformer.masked_softmax`).
+A row with no True entry attends uniformly to all patches
+(`transformer.masked_softmax`).
 """
 
 from __future__ import annotations
@@ -67,26 +68,27 @@ class TextGuidedPooling(nn.Module):
         "slots", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
         (self.num_slots, width), jnp.float32)
     slots = jnp.broadcast_to(slots.astype(self.dtype), (batch, self.num_slots, width))
-    read_title, _ = attend(name="title_attn")(norm(name="title_norm")(slots), text_tokens,
-                                         text_mask)
+    read_title, _ = attend(name="title_attn")(
+        norm(name="title_norm")(slots), text_tokens, text_mask)
     slots = slots + read_title
-    read_image, _ = attend(name="slot_image_attn")(norm(name="slot_image_norm")(slots), patches,
-                                              region_mask)
+    read_image, _ = attend(name="slot_image_attn")(
+        norm(name="slot_image_norm")(slots), patches, region_mask)
     slots = slots + read_image
-    slots = slots + transformer.MlpBlock(self.mlp_dim, dtype=self.dtype,
-                                         name="slot_mlp")(norm(name="slot_mlp_norm")(slots))
+    slot_mlp = transformer.MlpBlock(self.mlp_dim, dtype=self.dtype, name="slot_mlp")
+    slots = slots + slot_mlp(norm(name="slot_mlp_norm")(slots))
     slots = norm(name="slot_out_norm")(slots)
 
-    hidden = transformer.MlpBlock(self.mlp_dim, dtype=self.dtype,
-                                  name="slot_score_mlp")(slots)
-    scores = partitioning.dense(1, ("embed", None), dtype=self.dtype,
-                                name="slot_score")(hidden)[..., 0]
-    slot_weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    hidden = partitioning.dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype,
+                                name="slot_score_hidden")(slots)
+    scores = partitioning.dense(1, ("mlp", None), dtype=self.dtype,
+                                name="slot_score")(nn.gelu(hidden, approximate=False))
+    slot_weights = jax.nn.softmax(scores[..., 0].astype(jnp.float32), axis=-1)
     f_m = jnp.einsum("bk,bkd->bd", slot_weights.astype(self.dtype), slots)
 
     query = norm(name="cls_norm")(cls) + transformer.MlpBlock(
         self.mlp_dim, dtype=self.dtype, name="query_mlp")(f_m)
-    f_a, weights = attend(name="appearance_attn")(query[:, None, :], patches, region_mask)
+    f_a, weights = attend(name="appearance_attn")(query[:, None, :], patches,
+                                                  region_mask)
     return dict(f_a=f_a[:, 0], f_m=f_m, slot_weights=slot_weights,
                 attention=weights[:, :, 0, :])
 
@@ -106,7 +108,7 @@ class MAPHead(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array,
                mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """`[B, N, D]` tokens (mask bool `[B, N]`) -> (`[B, D]` dtype, float32 `[B, H, N]`)."""
+    """`[B, N, D]` tokens (mask: bool `[B, N]`) -> (`[B, D]`, float32 `[B, H, N]`)."""
     batch, _, width = tokens.shape
     probe = self.param(
         "probe", partitioning.init(nn.initializers.xavier_uniform(), (None, "embed")),

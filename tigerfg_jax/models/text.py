@@ -18,6 +18,7 @@ from tigerfg_jax.models import partitioning, transformer
 
 _VARIANTS = {
     "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "pico": dict(width=64, depth=2, mlp_dim=256, num_heads=2),
     "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
     # CLIP's text transformer, so that `convert` can import its weights.
     "B": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
@@ -25,7 +26,7 @@ _VARIANTS = {
 
 
 def decode_text_variant(name: str) -> dict[str, int]:
-  """Text transformer size by name: 'mu' (tests), 'S', 'B'.
+  """Text transformer size by name: 'mu' (tests), 'pico' (CPU default), 'S', 'B'.
 
   Returns:
     `dict(width, depth, mlp_dim, num_heads)`.

@@ -23,18 +23,16 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
   Args:
     logits: `[..., K]`.
     mask: bool, broadcastable to `logits`; True where a key may be attended. A row
-      with no True key falls back to the uniform distribution over all K keys, so a
-      fully masked row (an empty title, an empty box) stays finite.
+      with no True key gets the uniform distribution over all K keys (every logit
+      is then the same float32 minimum), so an empty title or an empty box stays
+      finite, with zero gradient to its logits.
 
   Returns:
     float32 `[..., K]`, rows sum to 1, exactly 0 outside the mask.
   """
   logits = logits.astype(jnp.float32)
-  if mask is None:
-    return jax.nn.softmax(logits, axis=-1)
-  mask = jnp.broadcast_to(mask, logits.shape)
-  mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(logits, axis=-1)
 
 
@@ -77,7 +75,9 @@ class MultiHeadAttention(nn.Module):
     query = heads("query")(queries) * head_dim**-0.5
     key = heads("key")(inputs)
     value = heads("value")(inputs)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    # float32 accumulation: bfloat16 logits would round the softmax's inputs.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32)
     weights = masked_softmax(
         logits, None if mask is None else mask[:, None, None, :])
     mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)

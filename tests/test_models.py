@@ -1,0 +1,299 @@
+"""Model modules: shapes/dtypes, masking, the teacher's region mask, partitioning."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tigerfg_jax import config_lib
+from tigerfg_jax.models import partitioning, pooling, text, towers, transformer, vision
+
+VOCAB = 40
+BATCH = 2
+
+
+def _model_config(**overrides):
+  config = config_lib.experiment_config("distill", "micro").model
+  config.vocab_size = VOCAB
+  config.update(overrides)
+  return config
+
+
+def _batch(seed: int = 0, title_len: int = 16, size: int = 32) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  lengths = np.array([5, title_len])[:BATCH]
+  mask = np.arange(title_len)[None, :] < lengths[:, None]
+  return dict(
+      query_image=rng.integers(0, 256, (BATCH, size, size, 3), np.uint8),
+      item_image=rng.integers(0, 256, (BATCH, size, size, 3), np.uint8),
+      title_tokens=np.where(mask, rng.integers(1, VOCAB, mask.shape),
+                            0).astype(np.int32),
+      title_mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _boxed_variables(mode: str):
+  model = towers.TigerFG(_model_config(mode=mode))
+  return jax.jit(model.init)({"params": jax.random.key(0)}, _batch())
+
+
+def _params(mode: str = "tiger"):
+  """Unboxed float32 variables; the same for every compute dtype."""
+  return nn.meta.unbox(_boxed_variables(mode))
+
+
+def _apply(dtype: str = "float32", mode: str = "tiger", method: str = "__call__"):
+  """jitted `model.apply(params, *args)` of TigerFG's `method` (one per setting)."""
+  return _compiled_apply(dtype, mode, method)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_apply(dtype: str, mode: str, method: str):
+  model = towers.TigerFG(_model_config(dtype=dtype, mode=mode))
+  return jax.jit(functools.partial(model.apply, method=getattr(towers.TigerFG, method)))
+
+
+def _embed_item(mode: str, batch: dict[str, np.ndarray], title_tokens=None,
+                region_mask=None):
+  """`embed_item` on `batch`'s item (another title if given). Always passes a region
+  mask (default: all patches) so that every call shares one compiled program."""
+  if region_mask is None:
+    region_mask = np.ones((BATCH, 16), bool)
+  if title_tokens is None:
+    title_tokens = batch["title_tokens"]
+  return _apply(mode=mode, method="embed_item")(
+      _params(mode), batch["item_image"], title_tokens, batch["title_mask"],
+      region_mask)
+
+
+def test_decode_variant():
+  assert vision.decode_variant("B/16") == dict(width=768, depth=12, mlp_dim=3072,
+                                               num_heads=12)
+  assert vision.decode_variant("L/14")["depth"] == 24
+  assert vision.decode_variant("mu")["width"] == 32
+  with pytest.raises(ValueError, match="vision_variant='X/16'"):
+    vision.decode_variant("X/16")
+  assert text.decode_text_variant("B")["width"] == 512
+  with pytest.raises(ValueError, match="text_variant"):
+    text.decode_text_variant("Ti")
+
+
+@pytest.mark.parametrize("dtype,mode", [("float32", "tiger"), ("bfloat16", "tiger"),
+                                        ("float32", "clip_style")])
+def test_tigerfg_outputs(dtype, mode):
+  params = _params(mode)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+  batch = _batch(1)
+  out = _apply(dtype, mode)(params, batch)
+  grid = 32 // 8
+  assert out["query_emb"].shape == out["item_emb"].shape == (BATCH, 256)
+  assert out["attention"].shape == (BATCH, 2, grid * grid)
+  assert out["item_patches"].shape == (BATCH, grid * grid, 32)
+  assert out["item_patches"].dtype == jnp.dtype(dtype)
+  for key in ("query_emb", "item_emb", "attention", "temperature"):
+    assert out[key].dtype == jnp.float32, key
+  np.testing.assert_allclose(np.linalg.norm(out["query_emb"], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out["item_emb"], axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(out["attention"].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(out["temperature"], 0.07, rtol=1e-6)
+
+
+def test_methods_match_call_and_bfloat16_computes_the_float32_function():
+  params, batch = _params(), _batch(1)
+  full = _apply("float32")(params, batch)
+  query = jax.eval_shape(_apply(method="embed_query"), params, batch["query_image"])
+  assert query.shape == (BATCH, 256) and query.dtype == jnp.float32
+  # __call__ passes no region mask; an all-True one is the same pooling.
+  item, aux = _embed_item("tiger", batch)
+  np.testing.assert_allclose(item, full["item_emb"], atol=1e-6)
+  np.testing.assert_allclose(aux["attention"], full["attention"], atol=1e-7)
+  half = _apply("bfloat16")(params, batch)
+  for key in ("query_emb", "item_emb"):
+    cosine = np.sum(np.asarray(full[key]) * np.asarray(half[key]), axis=-1)
+    assert np.all(cosine > 0.99), (key, cosine)
+
+
+def test_submodule_shapes_and_dtypes():
+  """Output shapes/dtypes from shapes alone (`jax.eval_shape`: nothing compiled)."""
+  def outputs(module, *args):
+    return jax.eval_shape(module.init_with_output, jax.random.key(0), *args)[0]
+
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  images = jax.ShapeDtypeStruct((BATCH, 16, 24, 3), f32)
+  tokens = outputs(vision.VisionEncoder("mu", 8, num_registers=3, dtype=bf16), images)
+  assert tokens.shape == (BATCH, 1 + 3 + 2 * 3, 32) and tokens.dtype == bf16
+  with pytest.raises(ValueError, match="patch_size=5"):
+    outputs(vision.VisionEncoder("mu", 5), images)
+
+  title = jax.ShapeDtypeStruct((BATCH, 6), jnp.int32)
+  mask = jax.ShapeDtypeStruct((BATCH, 6), jnp.bool_)
+  tokens, pooled = outputs(text.TextEncoder("mu", VOCAB, 8, dtype=bf16), title, mask)
+  assert tokens.shape == (BATCH, 6, 32) and pooled.shape == (BATCH, 32)
+  assert tokens.dtype == pooled.dtype == bf16
+  with pytest.raises(ValueError, match="max_title_len=4"):
+    outputs(text.TextEncoder("mu", VOCAB, 4), title, mask)
+
+  for dtype in (f32, bf16):
+    patches = jax.ShapeDtypeStruct((BATCH, 10, 32), dtype)
+    pooled, attention = outputs(pooling.MAPHead(4, 64, dtype=dtype), patches)
+    assert pooled.shape == (BATCH, 32) and pooled.dtype == dtype
+    assert attention.shape == (BATCH, 4, 10) and attention.dtype == f32
+    cls = jax.ShapeDtypeStruct((BATCH, 32), dtype)
+    title_tokens = jax.ShapeDtypeStruct((BATCH, 6, 24), dtype)
+    out = outputs(pooling.TextGuidedPooling(3, 2, 64, dtype=dtype), cls, patches,
+                  title_tokens, mask)
+    assert out["f_a"].shape == out["f_m"].shape == (BATCH, 32)
+    assert out["f_a"].dtype == out["f_m"].dtype == dtype
+    assert out["slot_weights"].shape == (BATCH, 3)
+    assert out["attention"].shape == (BATCH, 2, 10)
+    assert out["slot_weights"].dtype == out["attention"].dtype == f32
+
+
+def test_attention_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  queries = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  inputs = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
+  layer = transformer.MultiHeadAttention(num_heads=2)
+  (out, weights), variables = jax.jit(layer.init_with_output)(
+      jax.random.key(1), queries, inputs, mask)
+  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64),
+                             nn.meta.unbox(variables)["params"])
+
+  def project(x, name):
+    return np.einsum("bkd,dhe->bkhe", x, p[name]["kernel"]) + p[name]["bias"]
+
+  q, k, v = project(queries, "query"), project(inputs, "key"), project(inputs, "value")
+  logits = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(4)
+  want_weights = np.exp(logits) * mask[:, None, None, :]
+  # Row 1 has no allowed key: uniform over all of them.
+  want_weights[1] = 1.0
+  want_weights /= want_weights.sum(-1, keepdims=True)
+  mixed = np.einsum("bhqk,bkhe->bqhe", want_weights, v)
+  want = np.einsum("bqhe,hed->bqd", mixed, p["out"]["kernel"]) + p["out"]["bias"]
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["tiger", "clip_style"])
+def test_title_padding_changes_nothing(mode):
+  short = _batch(3, title_len=8)
+  # The micro preset allows 16 title tokens: pad with 8 more (garbage ids, masked).
+  long = dict(short,
+              title_tokens=np.concatenate(
+                  [short["title_tokens"], np.full((BATCH, 8), 7, np.int32)], 1),
+              title_mask=np.concatenate(
+                  [short["title_mask"], np.zeros((BATCH, 8), bool)], 1))
+  emb_short, aux_short = _apply(mode=mode, method="embed_item")(
+      _params(mode), short["item_image"], short["title_tokens"], short["title_mask"])
+  emb_long, aux_long = _embed_item(mode, long)
+  np.testing.assert_allclose(emb_long, emb_short, atol=1e-5)
+  np.testing.assert_allclose(aux_long["attention"], aux_short["attention"], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["tiger", "clip_style"])
+def test_title_guides_pooling_only_in_tiger_mode(mode):
+  batch = _batch(4)
+  other = np.where(batch["title_mask"], (batch["title_tokens"] + 5) % VOCAB,
+                   0).astype(np.int32)
+  emb_a, aux_a = _embed_item(mode, batch)
+  emb_b, aux_b = _embed_item(mode, batch, title_tokens=other)
+  # The title always reaches the embedding; in clip_style it never reaches the map.
+  assert np.max(np.abs(emb_a - emb_b)) > 1e-4
+  if mode == "clip_style":
+    np.testing.assert_array_equal(aux_a["attention"], aux_b["attention"])
+  else:
+    assert np.max(np.abs(aux_a["attention"] - aux_b["attention"])) > 1e-6
+
+
+@pytest.mark.parametrize("mode", ["tiger", "clip_style"])
+def test_region_mask_is_the_only_teacher_difference(mode):
+  batch = _batch(5)
+  grid = 4
+  free = _apply(mode=mode)(_params(mode), batch)
+  everywhere, everywhere_aux = _embed_item(mode, batch,
+                                           region_mask=np.ones((BATCH, 16), bool))
+  np.testing.assert_allclose(everywhere, free["item_emb"], atol=1e-6)
+  np.testing.assert_allclose(everywhere_aux["attention"], free["attention"], atol=1e-7)
+  box = np.zeros((BATCH, grid, grid), bool)
+  box[0, 1:3, 0:2] = True
+  box[1, 2:4, 1:4] = True
+  box = box.reshape(BATCH, -1)
+  boxed, boxed_aux = _embed_item(mode, batch, region_mask=box)
+  attention = np.asarray(boxed_aux["attention"])
+  assert np.all(attention[~np.broadcast_to(box[:, None], attention.shape)] == 0)
+  np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+  assert np.max(np.abs(boxed - free["item_emb"])) > 1e-4
+  # An empty box gives uniform attention instead of NaN.
+  _, empty_aux = _embed_item(mode, batch, region_mask=np.zeros((BATCH, 16), bool))
+  np.testing.assert_allclose(empty_aux["attention"], 1 / grid**2, rtol=1e-6)
+
+
+def test_query_pool_map_and_unshared_vision():
+  config = _model_config(query_pool="map", share_vision=False)
+  model = towers.TigerFG(config)
+  batch = _batch(6)
+  # Two ViTs: two image sizes are fine.
+  batch["query_image"] = batch["query_image"][:, :16, :16]
+  variables = jax.eval_shape(model.init, {"params": jax.random.key(0)}, batch)
+  params = nn.meta.unbox(variables)["params"]
+  assert "map_head" in params["query_tower"] and "item_vision" in params
+  assert params["vision"]["pos_embedding"].shape == (4, 32)
+  assert params["item_vision"]["pos_embedding"].shape == (16, 32)
+  out = jax.eval_shape(model.apply, nn.meta.unbox(variables), batch)
+  assert out["query_emb"].shape == (BATCH, 256)
+
+
+def test_config_errors_are_clear():
+  batch = _batch()
+  for overrides, match in [(dict(vocab_size=0), "vocab_size=0"),
+                           (dict(mode="global"), "model.mode='global'"),
+                           (dict(dtype="float16"), "model.dtype='float16'"),
+                           (dict(query_pool="mean"), "query_pool='mean'")]:
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(towers.TigerFG(_model_config(**overrides)).init,
+                     {"params": jax.random.key(0)}, batch)
+  batch["query_image"] = batch["query_image"][:, :16, :16]
+  with pytest.raises(ValueError, match="share_vision=True"):
+    jax.eval_shape(towers.TigerFG(_model_config()).init,
+                   {"params": jax.random.key(0)}, batch)
+
+
+def test_temperature_is_clipped():
+  params = _params()
+  for log_t, want in [(np.log(1e-4), 0.01), (np.log(0.2), 0.2), (np.log(5.0), 1.0)]:
+    params["params"]["log_temperature"] = jnp.float32(log_t)
+    got = _apply(method="temperature")(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_every_parameter_has_logical_axes_and_rules_map_them():
+  variables = _boxed_variables("tiger")
+  specs = nn.get_partition_spec(variables)
+  flat = jax.tree_util.tree_leaves_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  boxed = jax.tree_util.tree_leaves(
+      variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(isinstance(leaf, nn.LogicallyPartitioned) for leaf in boxed)
+  assert len(flat) == len(boxed)
+  for _, spec in flat:
+    assert set(spec) <= set(partitioning.AXIS_NAMES) | {None}
+  fc1 = specs["params"]["vision"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+  query = specs["params"]["vision"]["encoder"]["block_0"]["attn"]["query"]["kernel"]
+  expected = {"replicated": ((None, None), (None, None, None)),
+              "fsdp": (("data", None), ("data", None, None)),
+              "tensor": ((None, "model"), (None, "model", None))}
+  for name, (want_fc1, want_query) in expected.items():
+    rules = partitioning.logical_axis_rules(name)
+    assert tuple(nn.logical_to_mesh_axes(fc1, rules)) == want_fc1
+    assert tuple(nn.logical_to_mesh_axes(query, rules)) == want_query
+    # Every parameter maps without a conflict.
+    mesh = jax.make_mesh((1, 1), ("data", "model"))
+    nn.logical_to_mesh_sharding(specs, mesh, rules)
+  with pytest.raises(ValueError, match="param_sharding='zero'"):
+    partitioning.logical_axis_rules("zero")

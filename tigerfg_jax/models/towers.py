@@ -1,0 +1,253 @@
+"""The two retrieval towers and `TigerFG`, the model the train step and exports call.
+
+Parameter tree of `TigerFG` (what `summary` and `convert` rely on):
+  vision/          ViT of the query tower; also the item tower's when `share_vision`.
+  item_vision/     the item tower's own ViT (only when not `share_vision`).
+  query_tower/     `projection` (+ `map_head` when `query_pool='map'`).
+  item_tower/      `text_encoder`, `pooling` (TextGuidedPooling, or a MAPHead in
+                   'clip_style'), `merge_norm` + `merge_mlp` ('tiger'), `projection`.
+  log_temperature  scalar.
+
+When the ViT is shared, query and item images must have the same size (one position
+table serves both); give each tower its own ViT to use two sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from tigerfg_jax.models import partitioning, pooling, text, transformer, vision
+
+MODES = ("tiger", "clip_style")
+QUERY_POOLS = ("cls", "map")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+                     dtype: Any) -> jax.Array:
+  """uint8 or float 0..255 `[B, S, S, 3]` -> `(x - mean) / std` in dtype."""
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """float32 `[B, E]` rows of unit L2 norm (a zero row stays zero)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+class QueryTower(nn.Module):
+  """Query image -> ViT -> CLS (or MAP over patches) -> Dense(E) -> L2.
+
+  Attributes:
+    vision: the ViT (a `VisionEncoder`, possibly shared with the item tower).
+    num_registers: R, to find the patches after CLS and the registers.
+    query_pool: 'cls' | 'map'.
+    embed_dim: E.
+    map_heads, map_mlp_dim: the MAP head's size (query_pool='map').
+    pixel_mean, pixel_std: per-channel normalisation of 0..255 pixels.
+    dtype: compute dtype.
+  """
+  vision: nn.Module
+  num_registers: int
+  query_pool: str
+  embed_dim: int
+  map_heads: int
+  map_mlp_dim: int
+  pixel_mean: Sequence[float]
+  pixel_std: Sequence[float]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """uint8 `[B, S, S, 3]` -> float32 `[B, E]`, L2-normalised."""
+    tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
+                                          self.dtype))
+    if self.query_pool == "cls":
+      feature = tokens[:, 0]
+    else:
+      feature, _ = pooling.MAPHead(self.map_heads, self.map_mlp_dim, dtype=self.dtype,
+                                   name="map_head")(tokens[:, 1 + self.num_registers:])
+    embedding = partitioning.dense(self.embed_dim, ("embed", "proj"), dtype=self.dtype,
+                                   name="projection")(feature)
+    return l2_normalize(embedding)
+
+
+class ItemTower(nn.Module):
+  """Item image + title -> float32 `[B, E]` L2-normalised embedding.
+
+  'tiger': TextGuidedPooling over the patches; `f_i = f_a + MLP(LN(f_m))`.
+  'clip_style': a MAPHead pools the whole image (the title plays no part in the
+  pooling); `f_i = concat(global, title mean)`. Both then Dense(E) -> L2.
+
+  Attributes:
+    vision: the ViT (a `VisionEncoder`, possibly shared with the query tower).
+    text_variant, vocab_size, max_title_len: the title's `TextEncoder`.
+    mode: 'tiger' | 'clip_style'.
+    num_registers: R.
+    pooling_slots, pooling_heads, pooling_mlp_dim: pooling sizes.
+    embed_dim: E.
+    pixel_mean, pixel_std: per-channel normalisation of 0..255 pixels.
+    dtype: compute dtype.
+  """
+  vision: nn.Module
+  text_variant: str
+  vocab_size: int
+  max_title_len: int
+  mode: str
+  num_registers: int
+  pooling_slots: int
+  pooling_heads: int
+  pooling_mlp_dim: int
+  embed_dim: int
+  pixel_mean: Sequence[float]
+  pixel_std: Sequence[float]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, title_tokens: jax.Array,
+               title_mask: jax.Array, region_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Embeds items.
+
+    Args:
+      images: uint8 `[B, S, S, 3]`.
+      title_tokens: int32 `[B, L]`.
+      title_mask: bool `[B, L]`, True on real tokens.
+      region_mask: bool `[B, N]` or None: the patches the pooling may read.
+
+    Returns:
+      `(embedding float32 [B, E], aux)`; aux holds `attention` float32 `[B, H, N]`
+      (the pooling's map over patches) and `patches` `[B, N, D]` (dtype, the ViT's
+      patch tokens, for the spatial-relation loss).
+    """
+    tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
+                                          self.dtype))
+    patches = tokens[:, 1 + self.num_registers:]
+    title, title_mean = text.TextEncoder(
+        self.text_variant, self.vocab_size, self.max_title_len, dtype=self.dtype,
+        name="text_encoder")(title_tokens, title_mask)
+    if self.mode == "tiger":
+      pooled = pooling.TextGuidedPooling(
+          self.pooling_slots, self.pooling_heads, self.pooling_mlp_dim,
+          dtype=self.dtype, name="pooling")(tokens[:, 0], patches, title, title_mask,
+                                            region_mask)
+      semantic = partitioning.layer_norm(dtype=self.dtype, name="merge_norm")(
+          pooled["f_m"])
+      feature = pooled["f_a"] + transformer.MlpBlock(
+          self.pooling_mlp_dim, dtype=self.dtype, name="merge_mlp")(semantic)
+      attention = pooled["attention"]
+    else:
+      image, attention = pooling.MAPHead(
+          self.pooling_heads, self.pooling_mlp_dim, dtype=self.dtype,
+          name="pooling")(patches, region_mask)
+      feature = jnp.concatenate([image, title_mean], axis=-1)
+    embedding = partitioning.dense(self.embed_dim, ("embed", "proj"), dtype=self.dtype,
+                                   name="projection")(feature)
+    return l2_normalize(embedding), dict(attention=attention, patches=patches)
+
+
+class TigerFG(nn.Module):
+  """Query tower + item tower + the learnable temperature.
+
+  Attributes:
+    config: `config.model` (ConfigDict or FrozenConfigDict); `vocab_size` must be
+      set (> 0).
+  """
+  config: ml_collections.ConfigDict | ml_collections.FrozenConfigDict
+
+  def setup(self):
+    c = self.config
+    _check_model_config(c)
+    dtype = DTYPES[c.dtype]
+    self.vision = vision.VisionEncoder(c.vision_variant, c.patch_size,
+                                       c.num_registers, dtype=dtype)
+    if not c.share_vision:
+      self.item_vision = vision.VisionEncoder(c.vision_variant, c.patch_size,
+                                              c.num_registers, dtype=dtype)
+    pixels = dict(pixel_mean=tuple(c.pixel_mean), pixel_std=tuple(c.pixel_std))
+    self.query_tower = QueryTower(
+        vision=self.vision, num_registers=c.num_registers, query_pool=c.query_pool,
+        embed_dim=c.embed_dim, map_heads=c.pooling_heads,
+        map_mlp_dim=c.pooling_mlp_dim, dtype=dtype, **pixels)
+    self.item_tower = ItemTower(
+        vision=self.vision if c.share_vision else self.item_vision,
+        text_variant=c.text_variant, vocab_size=c.vocab_size,
+        max_title_len=c.max_title_len, mode=c.mode, num_registers=c.num_registers,
+        pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
+        pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype,
+        **pixels)
+    self.log_temperature = self.param(
+        "log_temperature",
+        partitioning.init(nn.initializers.constant(math.log(c.temperature_init)), ()),
+        (), jnp.float32)
+
+  def temperature(self) -> jax.Array:
+    """float32 scalar tau = clip(exp(log_temperature), temperature_min, 1)."""
+    return jnp.clip(jnp.exp(self.log_temperature), self.config.temperature_min, 1.0)
+
+  def embed_query(self, query_image: jax.Array) -> jax.Array:
+    """uint8 `[B, Sq, Sq, 3]` -> float32 `[B, E]`, L2-normalised."""
+    return self.query_tower(query_image)
+
+  def embed_item(self, item_image: jax.Array, title_tokens: jax.Array,
+                 title_mask: jax.Array, region_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """See `ItemTower.__call__`: `([B, E] float32, {'attention', 'patches'})`."""
+    return self.item_tower(item_image, title_tokens, title_mask, region_mask)
+
+  def __call__(self, batch: dict[str, jax.Array], *,
+               region_mask: jax.Array | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    """Both towers on a training batch.
+
+    Args:
+      batch: `query_image`, `item_image` uint8, `title_tokens` int32 `[B, L]`,
+        `title_mask` bool `[B, L]` (docs/ARCHITECTURE.md).
+      region_mask: bool `[B, N]` or None; the item pooling reads only these patches
+        (the privileged teacher passes the ground-truth box).
+      train: part of the call contract; no layer here behaves differently in
+        training (there is no dropout), so it changes nothing.
+
+    Returns:
+      dict: `query_emb`, `item_emb` float32 `[B, E]`; `attention` float32
+      `[B, H, N]`; `item_patches` `[B, N, D]`; `temperature` float32 scalar.
+    """
+    del train
+    if (self.config.share_vision
+        and batch["query_image"].shape[1:3] != batch["item_image"].shape[1:3]):
+      raise ValueError(
+          "config.model.share_vision=True needs query and item images of one size; "
+          f"got query {batch['query_image'].shape[1:3]} and item "
+          f"{batch['item_image'].shape[1:3]} (set data.query_image_size == "
+          "data.item_image_size or model.share_vision=False)")
+    item_emb, aux = self.embed_item(batch["item_image"], batch["title_tokens"],
+                                    batch["title_mask"], region_mask)
+    return dict(query_emb=self.embed_query(batch["query_image"]), item_emb=item_emb,
+                attention=aux["attention"], item_patches=aux["patches"],
+                temperature=self.temperature())
+
+
+def _check_model_config(c: ml_collections.ConfigDict) -> None:
+  """Clear errors for `config.model` values the modules cannot use."""
+  if c.mode not in MODES:
+    raise ValueError(f"config.model.mode={c.mode!r}; expected one of {MODES}")
+  if c.query_pool not in QUERY_POOLS:
+    raise ValueError(
+        f"config.model.query_pool={c.query_pool!r}; expected one of {QUERY_POOLS}")
+  if c.dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={c.dtype!r}; expected one of {tuple(DTYPES)}")
+  if c.vocab_size <= 0:
+    raise ValueError(f"config.model.vocab_size={c.vocab_size}: must be > 0 (set it "
+                     "from the tokenizer's vocabulary size)")
+  if not 0 < c.temperature_min <= c.temperature_init <= 1:
+    raise ValueError(
+        "config.model needs 0 < temperature_min <= temperature_init <= 1; got "
+        f"temperature_min={c.temperature_min}, temperature_init={c.temperature_init}")
