@@ -1,0 +1,224 @@
+"""Tests of the Grain pipelines (tigerfg_jax/data/pipeline.py) on a tiny synthetic catalog."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from tigerfg_jax import config_lib
+from tigerfg_jax.data import augment, folder, pipeline, spatial, synthetic
+from tigerfg_jax.data.tokenizer import TitleTokenizer
+
+SIZE, PATCH, BATCH, MAX_LEN = 32, 8, 8, 16
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("catalog"))
+  synthetic.write_catalog(path, seed=0, items=24, image_size=48)
+  return path
+
+
+@pytest.fixture(scope="module")
+def split(root, tmp_path_factory):
+  return pipeline.load_split(root, "train", cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(split):
+  return TitleTokenizer.train(split.titles, 128)
+
+
+def _data_config(**overrides):
+  config = config_lib.experiment_config("teacher", "micro").data
+  config.item_image_size = config.query_image_size = SIZE
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _batches(split, tokenizer, count, seed=0, start_state=None, batch_size=BATCH,
+             process_index=0, process_count=1, **data_overrides):
+  """The first `count` batches of a new train_iterator (resumed from `start_state`)."""
+  iterator = pipeline.train_iterator(
+      split, tokenizer, _data_config(**data_overrides), batch_size=batch_size,
+      patch_size=PATCH, max_title_len=MAX_LEN, seed=seed, process_index=process_index,
+      process_count=process_count)
+  if start_state is not None:
+    iterator.set_state(start_state)
+  return iterator, [next(iterator) for _ in range(count)]
+
+
+def _assert_same(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+
+
+def _item_pixels(split, row):
+  return folder.decode_rgb(split.items[row]["image"])
+
+
+def test_batch_matches_the_contract(split, tokenizer):
+  _, (batch,) = _batches(split, tokenizer, 1)
+  n = (SIZE // PATCH) ** 2
+  expected = {
+      "query_image": (np.uint8, (BATCH, SIZE, SIZE, 3)),
+      "item_image": (np.uint8, (BATCH, SIZE, SIZE, 3)),
+      "title_tokens": (np.int32, (BATCH, MAX_LEN)),
+      "title_mask": (np.bool_, (BATCH, MAX_LEN)),
+      "box": (np.float32, (BATCH, 4)),
+      "has_box": (np.bool_, (BATCH,)),
+      "spatial_target": (np.float32, (BATCH, n)),
+      "group": (np.int32, (BATCH,)),
+  }
+  assert {k: (v.dtype.type, v.shape) for k, v in batch.items()} == expected
+  np.testing.assert_allclose(batch["spatial_target"].sum(1), 1.0, atol=1e-5)
+  assert ((batch["box"] >= 0) & (batch["box"] <= 1)).all()
+  tokens, mask = tokenizer.encode([split.titles[g] for g in batch["group"]], MAX_LEN)
+  np.testing.assert_array_equal(batch["title_tokens"], tokens)
+  np.testing.assert_array_equal(batch["title_mask"], mask)
+
+
+def test_same_seed_same_batches_other_seed_other(split, tokenizer):
+  _, a = _batches(split, tokenizer, 3, seed=1)
+  _, b = _batches(split, tokenizer, 3, seed=1)
+  _, c = _batches(split, tokenizer, 1, seed=2)
+  for x, y in zip(a, b):
+    _assert_same(x, y)
+  assert not np.array_equal(a[0]["query_image"], c[0]["query_image"])
+
+
+def test_resume_from_saved_state(split, tokenizer):
+  iterator, _ = _batches(split, tokenizer, 4, seed=3)
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = [next(iterator) for _ in range(2)]
+  _, resumed = _batches(split, tokenizer, 2, seed=3, start_state=state)
+  for x, y in zip(expected, resumed):
+    _assert_same(x, y)
+
+
+def test_process_shards_are_disjoint_and_cover_each_epoch(split, tokenizer):
+  # Without one-to-many queries every item is its own group and has one query, so
+  # the groups of a batch name the queries it holds.
+  assert sorted(split.item_groups.tolist()) == list(range(split.num_items))
+  steps = split.num_queries // BATCH
+  seen = []
+  for p in range(2):
+    _, batches = _batches(split, tokenizer, steps * 2, process_index=p, process_count=2)
+    assert all(len(b["group"]) == BATCH // 2 for b in batches)
+    seen.append([b["group"].tolist() for b in batches])
+  for epoch in range(2):
+    groups = [g for p in range(2) for b in seen[p][epoch * steps:(epoch + 1) * steps] for g in b]
+    assert sorted(groups) == list(range(split.num_queries))
+  assert seen[0][:steps] != seen[0][steps:]  # reshuffled each epoch
+
+
+def test_originals_use_the_item_image_and_query_box(split, tokenizer):
+  _, (batch,) = _batches(split, tokenizer, 1, mosaic_prob=0.0)
+  for e, row in enumerate(batch["group"]):
+    expected = augment.resize(_item_pixels(split, row), SIZE, SIZE)
+    np.testing.assert_array_equal(batch["item_image"][e], expected)
+    query = split.query_positives.index([row])
+    box = spatial.normalize_box(split.query_boxes[query], *split.item_sizes[row])
+    np.testing.assert_allclose(batch["box"][e], box)
+    np.testing.assert_allclose(batch["spatial_target"][e],
+                               spatial.patch_target(box, SIZE // PATCH), atol=1e-6)
+
+
+def test_mosaic_box_and_target_land_on_the_tile(split, tokenizer):
+  _, (batch,) = _batches(split, tokenizer, 1, mosaic_prob=1.0)
+  tiles = augment.mosaic_tiles(SIZE, 2)
+  grid = SIZE // PATCH
+  for e, row in enumerate(batch["group"]):
+    x0, y0, x1, y1 = tiles[e % 4]
+    mosaic = batch["item_image"][e]
+    np.testing.assert_array_equal(mosaic, batch["item_image"][e - e % 4])
+    # The tile shows this example's item; the box lies inside the tile, where its
+    # product is (the box is the item's own box scaled into the tile).
+    np.testing.assert_array_equal(mosaic[y0:y1, x0:x1],
+                                  augment.resize(_item_pixels(split, row), x1 - x0, y1 - y0))
+    query = split.query_positives.index([row])
+    bx = spatial.normalize_box(split.query_boxes[query], *split.item_sizes[row])
+    expected = [(x0 + bx[0] * (x1 - x0)) / SIZE, (y0 + bx[1] * (y1 - y0)) / SIZE,
+                (x0 + bx[2] * (x1 - x0)) / SIZE, (y0 + bx[3] * (y1 - y0)) / SIZE]
+    np.testing.assert_allclose(batch["box"][e], expected, atol=1e-6)
+    target = batch["spatial_target"][e].reshape(grid, grid)
+    outside = np.ones((grid, grid), bool)
+    outside[y0 // PATCH:y1 // PATCH, x0 // PATCH:x1 // PATCH] = False
+    assert target[outside].sum() == 0 and abs(target.sum() - 1) < 1e-5
+  assert batch["has_box"].all()
+
+
+def test_mosaic_fraction_and_grouping(split, tokenizer):
+  # mosaic_prob 0.5 of 8 examples = exactly one 2x2 mosaic per batch, listed first.
+  _, batches = _batches(split, tokenizer, 3, mosaic_prob=0.5)
+  for batch in batches:
+    images = batch["item_image"]
+    assert all(np.array_equal(images[0], images[e]) for e in range(4))
+    assert not any(np.array_equal(images[e], images[f])
+                   for e, f in itertools.combinations(range(3, BATCH), 2))
+
+
+def test_one_to_many_groups_and_positive_choice(tmp_path, tokenizer):
+  synthetic.write_catalog(str(tmp_path), seed=5, items=12, image_size=32, one_to_many=True)
+  split = pipeline.load_split(str(tmp_path), "train", cache_dir=str(tmp_path / "cache"))
+  for positives in split.query_positives:
+    assert len({int(split.item_groups[p]) for p in positives}) == 1
+  assert len(set(split.item_groups.tolist())) < split.num_items
+  _, batches = _batches(split, TitleTokenizer.train(split.titles, 64), 6, batch_size=4,
+                        mosaic_prob=0.0)
+  for batch in batches:
+    for e in range(4):
+      if not batch["has_box"][e]:
+        # The box is known only for item_ids[0]; another positive was drawn.
+        np.testing.assert_array_equal(batch["box"][e], 0)
+        np.testing.assert_allclose(batch["spatial_target"][e], 1 / 16, atol=1e-7)
+  assert not all(b["has_box"].all() for b in batches)
+
+
+def test_positive_groups_union():
+  groups = pipeline.positive_groups(6, [[0], [1, 3], [3, 4], [2]])
+  assert groups.tolist() == [0, 1, 2, 1, 1, 3]
+
+
+def test_eval_batches_in_order_padded(root, split, tokenizer):
+  config = _data_config()
+  items = list(pipeline.eval_item_batches(split, tokenizer, config, batch_size=10,
+                                          max_title_len=MAX_LEN))
+  queries = list(pipeline.eval_query_batches(split, config, batch_size=10))
+  assert len(items) == len(queries) == 3
+  index = np.concatenate([b["index"] for b in items])
+  valid = np.concatenate([b["valid"] for b in items])
+  assert index[valid].tolist() == list(range(24)) and (index[~valid] == -1).all()
+  assert valid.sum() == 24 and not valid[24:].any()
+  last = items[-1]
+  assert not last["title_mask"][4:].any() and (last["item_image"][4:] == 0).all()
+  tokens, _ = tokenizer.encode(split.titles[20:], MAX_LEN)
+  np.testing.assert_array_equal(last["title_tokens"][:4], tokens)
+  np.testing.assert_array_equal(items[1]["item_image"][3],
+                                augment.resize(_item_pixels(split, 13), SIZE, SIZE))
+  query_file = os.path.join(root, "train", "queries", "00007.jpg")
+  np.testing.assert_array_equal(queries[0]["query_image"][7],
+                                augment.resize(Image.open(query_file).convert("RGB"), SIZE, SIZE))
+  assert queries[0]["query_image"].shape == (10, SIZE, SIZE, 3)
+  again = list(pipeline.eval_query_batches(split, config, batch_size=10))
+  for a, b in zip(queries, again):
+    _assert_same(a, b)
+
+
+def test_worker_processes_give_the_same_batches(split, tokenizer):
+  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (GOTCHAS.md).
+  _, expected = _batches(split, tokenizer, 2, seed=4)
+  iterator, batches = _batches(split, tokenizer, 2, seed=4, worker_count=1)
+  try:
+    for x, y in zip(expected, batches):
+      _assert_same(x, y)
+  finally:
+    iterator.close()

@@ -1,0 +1,147 @@
+"""Tests of the synthetic catalog writer (tigerfg_jax/data/synthetic.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from tigerfg_jax.data import synthetic
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tree_digest(root: str) -> str:
+  digest = hashlib.sha256()
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      digest.update(os.path.relpath(path, root).encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _lines(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("catalog"))
+  synthetic.write_catalog(root, seed=3, items=24, image_size=48)
+  return root
+
+
+def test_same_seed_gives_identical_files(catalog, tmp_path):
+  again, other = str(tmp_path / "again"), str(tmp_path / "other")
+  synthetic.write_catalog(again, seed=3, items=24, image_size=48)
+  synthetic.write_catalog(other, seed=4, items=24, image_size=48)
+  assert _tree_digest(again) == _tree_digest(catalog)
+  assert _tree_digest(other) != _tree_digest(catalog)
+
+
+def test_splits_titles_and_queries(catalog):
+  for split, count in (("train", 24), ("eval_normal", 24), ("eval_cluttered", 24)):
+    items = _lines(os.path.join(catalog, split, "items.jsonl"))
+    queries = _lines(os.path.join(catalog, split, "queries.jsonl"))
+    assert len(items) == count and len(queries) == count
+    titles = [item["title"] for item in items]
+    assert len(set(titles)) == len(titles)
+    ids = {item["item_id"] for item in items}
+    for item in items:
+      words = set(item["title"].split())
+      assert words & set(synthetic.COLOURS)
+      assert any(kind in item["title"] for kind in synthetic.KINDS)
+      with Image.open(os.path.join(catalog, split, item["image"])) as image:
+        assert image.size == (48, 48)
+    for query in queries:
+      assert query["item_ids"] and set(query["item_ids"]) <= ids
+      assert len(query["box"]) == 4
+  assert synthetic.eval_split_items(400) == 100
+  assert synthetic.eval_split_items(24) == 24
+
+
+def test_normal_box_encloses_the_product(catalog):
+  split_dir = os.path.join(catalog, "eval_normal")
+  items = {item["item_id"]: item for item in _lines(os.path.join(split_dir, "items.jsonl"))}
+  for query in _lines(os.path.join(split_dir, "queries.jsonl")):
+    pixels = np.asarray(Image.open(os.path.join(split_dir, items[query["item_ids"][0]]["image"])),
+                        np.int32)
+    background = pixels[0, 0]
+    differs = np.abs(pixels - background).sum(-1) > 0
+    x0, y0, x1, y1 = query["box"]
+    inside = differs[y0:y1, x0:x1]
+    # The box is tight: the product touches each of its four sides.
+    assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+    assert inside.mean() > 0.3
+    far = np.ones_like(differs)
+    far[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = False
+    assert not differs[far].any()
+
+
+def test_cluttered_target_size_and_distractors(catalog):
+  split_dir = os.path.join(catalog, "eval_cluttered")
+  for query in _lines(os.path.join(split_dir, "queries.jsonl")):
+    x0, y0, x1, y1 = query["box"]
+    assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+    assert max(x1 - x0, y1 - y0) <= 48 / 3 + 1
+    assert max(x1 - x0, y1 - y0) >= 48 / 4 * 0.6
+  # Distractors come from the split's own products, half of them the target's kind.
+  rng = np.random.default_rng(0)
+  pool = synthetic.sample_products(rng, 40)
+  target = pool[0]
+  chosen = [p for _ in range(50) for p in synthetic._distractors(target, pool, rng)]
+  assert all(p in pool and p != target for p in chosen)
+  same_kind = np.mean([p.kind == target.kind for p in chosen])
+  assert 0.3 < same_kind < 0.7
+
+
+def test_one_to_many_positives_share_the_product(tmp_path):
+  synthetic.write_catalog(str(tmp_path), seed=1, items=30, image_size=32, one_to_many=True)
+  items = {i["item_id"]: i["title"] for i in _lines(str(tmp_path / "train" / "items.jsonl"))}
+  queries = _lines(str(tmp_path / "train" / "queries.jsonl"))
+  assert len(set(items.values())) == len(items)
+  assert any(len(q["item_ids"]) > 1 for q in queries)
+
+  def product_words(title):
+    return [w for w in title.split() if w not in synthetic.LISTING_WORDS]
+
+  for query in queries:
+    described = {tuple(product_words(items[i])) for i in query["item_ids"]}
+    assert len(described) == 1
+
+
+def test_cli_writes_the_catalog(tmp_path):
+  out = tmp_path / "cli"
+  subprocess.run([sys.executable, "-m", "tigerfg_jax.data.synthetic", f"--out={out}",
+                  "--items=6", "--image_size=32", "--seed=2"], check=True, cwd=_REPO,
+                 capture_output=True)
+  direct = tmp_path / "direct"
+  synthetic.write_catalog(str(direct), seed=2, items=6, image_size=32)
+  assert _tree_digest(str(out)) == _tree_digest(str(direct))
+
+
+def test_catalog_root_writes_once_and_checks_params(tmp_path):
+  config = ml_collections.ConfigDict(dict(root=None, synthetic_items=6, synthetic_seed=0,
+                                          synthetic_image_size=32))
+  root = synthetic.catalog_root(config, str(tmp_path))
+  assert root == str(tmp_path / "data")
+  marker_time = os.path.getmtime(os.path.join(root, "train", "items.jsonl"))
+  assert synthetic.catalog_root(config, str(tmp_path)) == root
+  assert os.path.getmtime(os.path.join(root, "train", "items.jsonl")) == marker_time
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".data-")]
+  config.synthetic_items = 7
+  with pytest.raises(ValueError, match="synthetic catalog written with"):
+    synthetic.catalog_root(config, str(tmp_path))
+  config.root = "/some/user/root"
+  assert synthetic.catalog_root(config, str(tmp_path)) == "/some/user/root"

@@ -1,0 +1,242 @@
+"""Reader and validator of the dataset folder format (docs/DATA.md).
+
+  <root>/<split>/items.jsonl    {"item_id": str, "image": path, "title": str}
+  <root>/<split>/queries.jsonl  {"query_id": str, "image": path, "item_ids": [str, ...],
+                                 "box": [x0, y0, x1, y1] | null}
+
+Image paths are relative to the split folder. `box` is the target's box in pixels of
+the image of `item_ids[0]` (continuous coordinates: 0 <= x0 < x1 <= width). Every line
+and every image is checked (images are decoded); each problem names the file, the line
+and what was expected. By default any problem raises one `DatasetError` listing them
+all; `skip_bad=True` drops the bad lines instead and reports how many and why. A query
+whose positive item was dropped is dropped too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+
+from PIL import Image
+
+ITEMS_FILE = "items.jsonl"
+QUERIES_FILE = "queries.jsonl"
+# Problems quoted in full in a DatasetError / skip report; the rest are counted.
+_MAX_LISTED = 20
+
+
+class DatasetError(ValueError):
+  """Invalid dataset folder or records; `problems` holds one line per problem."""
+
+  def __init__(self, message: str, problems: list[str] | None = None):
+    self.problems = problems or [message]
+    super().__init__(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemRecord:
+  """One valid line of items.jsonl; `row` is its index among the split's valid items."""
+  row: int
+  item_id: str
+  image: str
+  title: str
+  width: int
+  height: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryRecord:
+  """One valid line of queries.jsonl; `positives` are item rows, `box` item pixels."""
+  row: int
+  query_id: str
+  image: str
+  positives: tuple[int, ...]
+  box: tuple[float, float, float, float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitRecords:
+  """A validated split: valid records in file order and the problems skipped."""
+  name: str
+  directory: str
+  items: list[ItemRecord]
+  queries: list[QueryRecord]
+  skipped: list[str]
+
+
+def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
+  """Encoded image bytes (any format Pillow reads) -> RGB image, fully decoded.
+
+  With `draft_size` a JPEG may decode at a reduced scale (1/2, 1/4, 1/8) that still
+  leaves both sides >= draft_size: much faster for large photos about to be shrunk.
+  """
+  image = Image.open(io.BytesIO(data))
+  if draft_size:
+    image.draft("RGB", (draft_size, draft_size))
+  image.load()
+  return image.convert("RGB")
+
+
+def eval_splits(root: str) -> list[str]:
+  """Split folders of `root` whose name starts with 'eval', sorted."""
+  return sorted(name for name in os.listdir(root)
+                if name.startswith("eval") and os.path.isdir(os.path.join(root, name)))
+
+
+def summarize(problems: list[str]) -> str:
+  listed = "\n  ".join(problems[:_MAX_LISTED])
+  more = len(problems) - _MAX_LISTED
+  return listed + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def _jsonl_objects(path: str, problems: list[str]):
+  """Yields (line number, dict) for each line that is UTF-8 JSON holding an object."""
+  try:
+    with open(path, "rb") as f:
+      raw_lines = f.read().split(b"\n")
+  except OSError as e:
+    raise DatasetError(f"{path}: cannot read: {e.strerror}") from e
+  for number, raw in enumerate(raw_lines, start=1):
+    where = f"{path}:{number}"
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      problems.append(f"{where}: not UTF-8 ({e.reason} at byte {e.start})")
+      continue
+    if not text.strip():
+      continue
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError as e:
+      problems.append(f"{where}: bad JSON ({e.msg} at column {e.colno})")
+      continue
+    if not isinstance(obj, dict):
+      problems.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
+      continue
+    yield number, obj
+
+
+def _non_empty_string(obj: dict, key: str, where: str) -> str:
+  value = obj.get(key)
+  if not isinstance(value, str) or not value.strip():
+    raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+  return value
+
+
+def _image_size(split_dir: str, obj: dict, where: str) -> tuple[str, int, int]:
+  """(relative path, width, height) of the decodable image named by obj['image']."""
+  path = _non_empty_string(obj, "image", where)
+  if os.path.isabs(path):
+    raise ValueError(f"{where}: image path {path!r} must be relative to {split_dir}")
+  full = os.path.join(split_dir, path)
+  if not os.path.isfile(full):
+    raise ValueError(f"{where}: image file {full} does not exist")
+  try:
+    with open(full, "rb") as f:
+      image = decode_rgb(f.read())
+  except Exception as e:  # Pillow raises many types for bad data.
+    raise ValueError(f"{where}: cannot decode image {full}: {e}") from e
+  return path, image.width, image.height
+
+
+def _box(value, width: int, height: int, where: str):
+  """The validated box as a float tuple, or None."""
+  if value is None:
+    return None
+  if (not isinstance(value, list) or len(value) != 4 or
+      not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              for v in value)):
+    raise ValueError(f"{where}: field 'box' must be null or [x0, y0, x1, y1] of 4 finite "
+                     f"numbers, got {value!r}")
+  x0, y0, x1, y1 = (float(v) for v in value)
+  if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+    raise ValueError(f"{where}: box {value} must satisfy 0 <= x0 < x1 <= {width} and "
+                     f"0 <= y0 < y1 <= {height} (the image of item_ids[0])")
+  return x0, y0, x1, y1
+
+
+def _read_items(split_dir: str, problems: list[str]) -> tuple[list[ItemRecord], set[str]]:
+  """Valid items and every item_id named on a line (valid or not, to word query errors)."""
+  path = os.path.join(split_dir, ITEMS_FILE)
+  items, seen = [], {}
+  for number, obj in _jsonl_objects(path, problems):
+    where = f"{path}:{number}"
+    try:
+      item_id = _non_empty_string(obj, "item_id", where)
+      if item_id in seen:
+        raise ValueError(f"{where}: duplicate item_id {item_id!r} "
+                         f"(first on line {seen[item_id]})")
+      seen[item_id] = number
+      title = _non_empty_string(obj, "title", where).strip()
+      image, width, height = _image_size(split_dir, obj, where)
+    except ValueError as e:
+      problems.append(str(e))
+      continue
+    items.append(ItemRecord(len(items), item_id, image, title, width, height))
+  return items, set(seen)
+
+
+def _read_queries(split_dir: str, items: list[ItemRecord], all_item_ids: set[str],
+                  problems: list[str]) -> list[QueryRecord]:
+  path = os.path.join(split_dir, QUERIES_FILE)
+  row_of = {item.item_id: item.row for item in items}
+  queries, seen = [], {}
+  for number, obj in _jsonl_objects(path, problems):
+    where = f"{path}:{number}"
+    try:
+      query_id = _non_empty_string(obj, "query_id", where)
+      if query_id in seen:
+        raise ValueError(f"{where}: duplicate query_id {query_id!r} "
+                         f"(first on line {seen[query_id]})")
+      seen[query_id] = number
+      ids = obj.get("item_ids")
+      if (not isinstance(ids, list) or not ids or
+          not all(isinstance(i, str) and i for i in ids)):
+        raise ValueError(f"{where}: field 'item_ids' must be a non-empty list of item_id "
+                         f"strings, got {ids!r}")
+      if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: field 'item_ids' lists an item twice: {ids!r}")
+      for i in ids:
+        if i not in row_of:
+          state = "is invalid (skipped)" if i in all_item_ids else f"is not in {ITEMS_FILE}"
+          raise ValueError(f"{where}: item_id {i!r} {state}")
+      positives = tuple(row_of[i] for i in ids)
+      first = items[positives[0]]
+      box = _box(obj.get("box"), first.width, first.height, where)
+      image, _, _ = _image_size(split_dir, obj, where)
+    except ValueError as e:
+      problems.append(str(e))
+      continue
+    queries.append(QueryRecord(len(queries), query_id, image, positives, box))
+  return queries
+
+
+def read_split(root: str, split: str, *, skip_bad: bool = False) -> SplitRecords:
+  """Reads and validates `root/split`.
+
+  Raises DatasetError listing every problem unless `skip_bad`; then the bad lines are
+  left out, logged (count and a sample) and returned in `SplitRecords.skipped`.
+  Always raises when a file is missing or no valid item or query is left.
+  """
+  split_dir = os.path.join(root, split)
+  for name in (ITEMS_FILE, QUERIES_FILE):
+    if not os.path.isfile(os.path.join(split_dir, name)):
+      raise DatasetError(f"{os.path.join(split_dir, name)}: missing; a split folder needs "
+                         f"{ITEMS_FILE} and {QUERIES_FILE} (docs/DATA.md)")
+  problems: list[str] = []
+  items, named_item_ids = _read_items(split_dir, problems)
+  queries = _read_queries(split_dir, items, named_item_ids, problems)
+  if problems and not skip_bad:
+    raise DatasetError(f"{len(problems)} problem(s) in {split_dir} (pass skip_bad to skip "
+                       f"them):\n  {summarize(problems)}", problems)
+  if problems:
+    logging.warning("skipped %d bad record(s) in %s:\n  %s", len(problems), split_dir,
+                    summarize(problems))
+  if not items or not queries:
+    raise DatasetError(f"{split_dir}: no valid items or queries left "
+                       f"({len(items)} items, {len(queries)} queries)", problems or None)
+  return SplitRecords(split, split_dir, items, queries, problems)

@@ -1,0 +1,243 @@
+"""Validated split -> ArrayRecord shards through tensorflow-datasets, cached.
+
+Each split becomes two tfds datasets written by `GeneratorBasedBuilder`s with
+`file_format="array_record"`: `ItemRecords` (row, item_id, title, encoded image bytes,
+width, height) and `QueryRecords` (row, query_id, encoded image bytes, positive item
+rows, box in item pixels, has_box). Features are raw (bytes tensors, Text, ints), which
+tfds writes and reads without TensorFlow. tfds stores records in a hashed key order, so
+every record keeps its `row` (its index in the folder's valid lines) and the cache keeps
+the row -> record map; `RecordSource` reads by row.
+
+Cache entry: `<cache_dir>/<split>-<fingerprint>/` with `items/`, `queries/` (tfds data
+dirs) and `metadata.json` (ids, titles, positives, boxes, skipped problems, shard
+sizes, row -> record maps). The fingerprint covers the jsonl contents, every file's
+path, size and mtime under the split folder, and `skip_bad`; an entry is built in a
+temporary folder and renamed into place, so a reader never sees half an entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tigerfg_jax.data import folder
+
+# Bump when the record layout or metadata change, so old cache entries are not reused.
+FORMAT_VERSION = 1
+_METADATA = "metadata.json"
+
+
+class _SplitRecords(tfds.core.GeneratorBasedBuilder):
+  """Writes the examples given to the constructor as the single tfds split 'all'."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # tfds looks for a download checksums file next to a builder's module, and for a
+  # module inside a package that lookup imports `importlib_resources` (a backport that
+  # is not installed on Python >= 3.9). These builders download nothing.
+  code_path = None
+
+  def __init__(self, *, examples: Iterator[tuple[int, dict]] | None = None, **kwargs):
+    self._examples = examples
+    super().__init__(**kwargs)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"rows": self._generate_examples()}
+
+  def _generate_examples(self):
+    yield from self._examples
+
+
+class ItemRecords(_SplitRecords):
+  """Item records: `image` holds the file's encoded bytes as they are."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "row": tfds.features.Scalar(dtype=np.int64),
+        "item_id": tfds.features.Text(),
+        "title": tfds.features.Text(),
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "width": tfds.features.Scalar(dtype=np.int64),
+        "height": tfds.features.Scalar(dtype=np.int64),
+    }))
+
+
+class QueryRecords(_SplitRecords):
+  """Query records: `positives` are item rows; `box` item pixels (0s when no box)."""
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "row": tfds.features.Scalar(dtype=np.int64),
+        "query_id": tfds.features.Text(),
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "positives": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        "has_box": tfds.features.Scalar(dtype=np.bool_),
+    }))
+
+
+_BUILDERS = {"items": ItemRecords, "queries": QueryRecords}
+
+
+class RecordSource:
+  """Random access to one record table by folder row (a Grain data source).
+
+  `source[row]` is a dict of the table's features (`image` as bytes). Read errors
+  (a corrupt shard) raise DatasetError naming the shard files.
+  """
+
+  def __init__(self, data_dir: str, kind: str, record_of_row: list[int]):
+    self._shards = sorted(glob.glob(os.path.join(data_dir, "*", "*", "*.array_record*")))
+    try:
+      self._source = _BUILDERS[kind](data_dir=data_dir).as_data_source("rows")
+    except Exception as e:
+      raise folder.DatasetError(f"cannot open the ArrayRecord shards {self._shards}: {e}") from e
+    self._record_of_row = record_of_row
+
+  def __len__(self) -> int:
+    return len(self._record_of_row)
+
+  def __getitem__(self, row: int) -> dict[str, Any]:
+    try:
+      return self._source[self._record_of_row[row]]
+    except Exception as e:
+      raise folder.DatasetError(
+          f"cannot read row {row} from the ArrayRecord shards {self._shards}: {e}; "
+          "delete their cache folder to rebuild them") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Ingested:
+  """A split's cache entry: its metadata and the readers of its record tables."""
+  directory: str
+  metadata: dict[str, Any]
+
+  def source(self, kind: str) -> RecordSource:
+    """RecordSource of 'items' or 'queries'."""
+    return RecordSource(os.path.join(self.directory, kind), kind,
+                        self.metadata["record_of_row"][kind])
+
+
+def fingerprint(split_dir: str, skip_bad: bool) -> str:
+  """Hex digest that changes when anything in the split folder changes."""
+  digest = hashlib.sha256(f"format={FORMAT_VERSION} skip_bad={skip_bad}".encode())
+  for dirpath, dirnames, filenames in os.walk(split_dir):
+    dirnames.sort()
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      stat = os.stat(path)
+      relative = os.path.relpath(path, split_dir)
+      digest.update(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+      if name in (folder.ITEMS_FILE, folder.QUERIES_FILE):
+        with open(path, "rb") as f:
+          digest.update(hashlib.sha256(f.read()).digest())
+  return digest.hexdigest()[:20]
+
+
+def _file_bytes(records: folder.SplitRecords, relative: str) -> bytes:
+  with open(os.path.join(records.directory, relative), "rb") as f:
+    return f.read()
+
+
+def _item_examples(records: folder.SplitRecords):
+  for item in records.items:
+    yield item.row, {"row": item.row, "item_id": item.item_id, "title": item.title,
+                     "image": _file_bytes(records, item.image), "width": item.width,
+                     "height": item.height}
+
+
+def _query_examples(records: folder.SplitRecords):
+  for query in records.queries:
+    yield query.row, {"row": query.row, "query_id": query.query_id,
+                      "image": _file_bytes(records, query.image),
+                      "positives": np.asarray(query.positives, np.int64),
+                      "box": np.asarray(query.box or (0, 0, 0, 0), np.float32),
+                      "has_box": query.box is not None}
+
+
+def _write_table(data_dir: str, kind: str, examples) -> tuple[list[int], dict[str, int]]:
+  """Writes one table; returns its row -> record map and {shard path: size}."""
+  builder = _BUILDERS[kind](examples=examples, data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  source = builder.as_data_source("rows")
+  record_of_row = [0] * len(source)
+  for record in range(len(source)):
+    record_of_row[int(source[record]["row"])] = record
+  shards = {os.path.relpath(path, data_dir): os.path.getsize(path)
+            for path in glob.glob(os.path.join(data_dir, "*", "*", "*.array_record*"))}
+  return record_of_row, shards
+
+
+def _build(records: folder.SplitRecords, entry: str, fp: str) -> dict[str, Any]:
+  metadata = {
+      "format": FORMAT_VERSION, "split": records.name, "fingerprint": fp,
+      "item_ids": [i.item_id for i in records.items],
+      "titles": [i.title for i in records.items],
+      "item_sizes": [[i.width, i.height] for i in records.items],
+      "query_ids": [q.query_id for q in records.queries],
+      "query_positives": [list(q.positives) for q in records.queries],
+      "query_boxes": [list(q.box) if q.box else None for q in records.queries],
+      "skipped": records.skipped, "record_of_row": {}, "shards": {},
+  }
+  for kind, examples in (("items", _item_examples(records)),
+                         ("queries", _query_examples(records))):
+    record_of_row, shards = _write_table(os.path.join(entry, kind), kind, examples)
+    metadata["record_of_row"][kind] = record_of_row
+    metadata["shards"].update({os.path.join(kind, p): size for p, size in shards.items()})
+  return metadata
+
+
+def _check_shards(entry: str, metadata: dict[str, Any]) -> None:
+  for relative, size in metadata["shards"].items():
+    path = os.path.join(entry, relative)
+    actual = os.path.getsize(path) if os.path.exists(path) else None
+    if actual != size:
+      raise folder.DatasetError(
+          f"{path}: ArrayRecord shard is missing, truncated or changed ({actual} bytes, "
+          f"expected {size}); delete {entry} to rebuild it")
+
+
+def ingest(root: str, split: str, *, cache_dir: str, skip_bad: bool = False) -> Ingested:
+  """Validates `root/split` and writes its shards, or reuses the cached ones.
+
+  Raises DatasetError for invalid data (unless `skip_bad`) and for damaged shards.
+  """
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    raise folder.DatasetError(f"{split_dir}: split folder does not exist")
+  fp = fingerprint(split_dir, skip_bad)
+  entry = os.path.join(cache_dir, f"{split}-{fp}")
+  cached = os.path.exists(os.path.join(entry, _METADATA))
+  if not cached:
+    records = folder.read_split(root, split, skip_bad=skip_bad)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{split}-{fp}-", dir=cache_dir)
+    try:
+      metadata = _build(records, tmp, fp)
+      with open(os.path.join(tmp, _METADATA), "w", encoding="utf-8") as f:
+        json.dump(metadata, f)
+      try:
+        os.rename(tmp, entry)
+        logging.info("ingested %s into %s", split_dir, entry)
+      except OSError:
+        if not os.path.exists(os.path.join(entry, _METADATA)):
+          raise
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  with open(os.path.join(entry, _METADATA), encoding="utf-8") as f:
+    metadata = json.load(f)
+  if cached and metadata["skipped"]:
+    logging.warning("%s: %d bad record(s) skipped:\n  %s", split_dir,
+                    len(metadata["skipped"]), folder.summarize(metadata["skipped"]))
+  _check_shards(entry, metadata)
+  return Ingested(entry, metadata)

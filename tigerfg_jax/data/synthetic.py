@@ -1,0 +1,462 @@
+r"""Procedural e-commerce catalog written in the dataset folder format.
+
+Products are a kind (round handbag, square box, shirt, ...), a colour and a pattern
+(plain, or stripes / dots / checks in an accent colour); titles name them in words
+("red round handbag with white stripes"). Each split (`train`, `eval_normal`,
+`eval_cluttered`) is its own catalog:
+
+* `normal` item images show the product alone on a plain background;
+* `cluttered` item images show it among 2-5 distractor products on a busy background.
+  Distractors are other products of the same split where possible, some of the same
+  kind in another colour, so a query for product B has hard negatives: images that
+  contain B but whose title names A;
+* `train` holds both kinds of item images, half each.
+
+Every item gets one query: the product rendered anew (scale, shift, rotation, blur,
+colour jitter, JPEG) whose `box` is the product's box in the item image. With
+`one_to_many=True` a product is listed by 1-3 items (other renderings and backgrounds,
+titles differing by a listing word) and each query names all of them as positives.
+
+  python -m tigerfg_jax.data.synthetic --out=DIR [--seed=0 --items=400 --image_size=64]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+SPLITS = ("train", "eval_normal", "eval_cluttered")
+
+COLOURS = {
+    "red": (215, 35, 35),
+    "orange": (240, 135, 20),
+    "yellow": (235, 205, 25),
+    "green": (45, 160, 55),
+    "teal": (0, 140, 140),
+    "blue": (35, 75, 215),
+    "purple": (125, 55, 185),
+    "pink": (240, 115, 175),
+    "brown": (125, 75, 35),
+    "gray": (125, 125, 125),
+}
+# Pattern accents: any product colour but the base, or white / black.
+ACCENTS = {**COLOURS, "white": (250, 250, 250), "black": (25, 25, 25)}
+PATTERNS = ("plain", "stripes", "dots", "checks")
+# Listing words that tell apart the titles of items sharing a product (one_to_many).
+LISTING_WORDS = ("", "new", "classic")
+
+Point = tuple[float, float]
+
+
+def _star(cx: float, cy: float, r_out: float, r_in: float) -> list[Point]:
+  angles = [math.pi * (k / 5 - 0.5) for k in range(10)]
+  return [(cx + (r_out if k % 2 == 0 else r_in) * math.cos(a),
+           cy + (r_out if k % 2 == 0 else r_in) * math.sin(a))
+          for k, a in enumerate(angles)]
+
+
+# Each kind draws its silhouette (fill 255) into a square 'L' canvas. Coordinates are
+# fractions of the canvas side so one drawing serves every resolution.
+def _handbag(d, s):
+  d.ellipse([0.08 * s, 0.36 * s, 0.92 * s, 0.96 * s], fill=255)
+  d.ellipse([0.28 * s, 0.06 * s, 0.72 * s, 0.62 * s], outline=255, width=max(1, int(0.07 * s)))
+
+
+def _box(d, s):
+  d.rectangle([0.12 * s, 0.12 * s, 0.88 * s, 0.88 * s], fill=255)
+
+
+def _sign(d, s):
+  d.polygon([(0.5 * s, 0.05 * s), (0.96 * s, 0.9 * s), (0.04 * s, 0.9 * s)], fill=255)
+
+
+def _shirt(d, s):
+  d.polygon([(x * s, y * s) for x, y in [
+      (0.32, 0.06), (0.68, 0.06), (0.96, 0.3), (0.84, 0.46), (0.73, 0.38), (0.73, 0.95),
+      (0.27, 0.95), (0.27, 0.38), (0.16, 0.46), (0.04, 0.3)]], fill=255)
+
+
+def _bottle(d, s):
+  d.rectangle([0.41 * s, 0.04 * s, 0.59 * s, 0.32 * s], fill=255)
+  d.rounded_rectangle([0.26 * s, 0.28 * s, 0.74 * s, 0.96 * s], radius=0.1 * s, fill=255)
+
+
+def _mug(d, s):
+  d.ellipse([0.5 * s, 0.32 * s, 0.92 * s, 0.76 * s], outline=255, width=max(1, int(0.08 * s)))
+  d.rectangle([0.1 * s, 0.18 * s, 0.7 * s, 0.9 * s], fill=255)
+
+
+def _hat(d, s):
+  d.pieslice([0.22 * s, 0.14 * s, 0.78 * s, 0.96 * s], 180, 360, fill=255)
+  d.rounded_rectangle([0.04 * s, 0.5 * s, 0.96 * s, 0.68 * s], radius=0.06 * s, fill=255)
+
+
+def _ornament(d, s):
+  d.polygon([(x * s, y * s) for x, y in _star(0.5, 0.54, 0.47, 0.2)], fill=255)
+
+
+def _lamp(d, s):
+  d.polygon([(0.3 * s, 0.06 * s), (0.7 * s, 0.06 * s), (0.88 * s, 0.5 * s),
+             (0.12 * s, 0.5 * s)], fill=255)
+  d.rectangle([0.45 * s, 0.5 * s, 0.55 * s, 0.86 * s], fill=255)
+  d.rectangle([0.26 * s, 0.84 * s, 0.74 * s, 0.95 * s], fill=255)
+
+
+def _umbrella(d, s):
+  d.pieslice([0.04 * s, 0.08 * s, 0.96 * s, 0.92 * s], 180, 360, fill=255)
+  d.rectangle([0.46 * s, 0.48 * s, 0.54 * s, 0.9 * s], fill=255)
+  d.arc([0.3 * s, 0.78 * s, 0.54 * s, 0.98 * s], 0, 180, fill=255, width=max(1, int(0.07 * s)))
+
+
+def _shoe(d, s):
+  d.polygon([(x * s, y * s) for x, y in [
+      (0.08, 0.22), (0.42, 0.22), (0.48, 0.52), (0.86, 0.6), (0.96, 0.74), (0.94, 0.86),
+      (0.08, 0.86)]], fill=255)
+
+
+def _pillow(d, s):
+  d.ellipse([0.06 * s, 0.1 * s, 0.54 * s, 0.58 * s], fill=255)
+  d.ellipse([0.46 * s, 0.1 * s, 0.94 * s, 0.58 * s], fill=255)
+  d.polygon([(0.08 * s, 0.42 * s), (0.92 * s, 0.42 * s), (0.5 * s, 0.94 * s)], fill=255)
+
+
+KINDS: dict[str, Callable[[ImageDraw.ImageDraw, float], None]] = {
+    "round handbag": _handbag,
+    "square box": _box,
+    "triangle sign": _sign,
+    "shirt": _shirt,
+    "bottle": _bottle,
+    "mug": _mug,
+    "hat": _hat,
+    "star ornament": _ornament,
+    "table lamp": _lamp,
+    "umbrella": _umbrella,
+    "shoe": _shoe,
+    "heart pillow": _pillow,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+  """One product: names from KINDS, COLOURS, PATTERNS and ACCENTS (None when plain)."""
+  kind: str
+  colour: str
+  pattern: str
+  accent: str | None
+
+  @property
+  def title(self) -> str:
+    if self.pattern == "plain":
+      return f"{self.colour} {self.kind}"
+    return f"{self.colour} {self.kind} with {self.accent} {self.pattern}"
+
+
+def product_space() -> tuple[list[Product], np.ndarray]:
+  """All products and sampling weights that give each pattern the same total mass."""
+  products, weights = [], []
+  for kind in KINDS:
+    for colour in COLOURS:
+      products.append(Product(kind, colour, "plain", None))
+      weights.append(1.0)
+      accents = [a for a in ACCENTS if a != colour]
+      for pattern in PATTERNS[1:]:
+        for accent in accents:
+          products.append(Product(kind, colour, pattern, accent))
+          weights.append(1.0 / len(accents))
+  weights = np.asarray(weights)
+  return products, weights / weights.sum()
+
+
+def sample_products(rng: np.random.Generator, count: int) -> list[Product]:
+  """`count` distinct products (all of them, repeated, when the space is smaller)."""
+  space, weights = product_space()
+  chosen = rng.choice(len(space), size=min(count, len(space)), replace=False, p=weights)
+  return [space[i] for i in np.resize(chosen, count)]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _pattern_mask(pattern: str, side: int, rng: np.random.Generator) -> np.ndarray:
+  """bool [side, side]: where the accent colour shows; the period scales with `side`."""
+  period = side / rng.uniform(4.0, 5.0)
+  offset = rng.uniform(0, period, size=2)[:, None, None]
+  yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) + offset
+  if pattern == "stripes":
+    angle = rng.uniform(-0.4, 0.4) + math.pi / 4
+    return ((xx * math.cos(angle) + yy * math.sin(angle)) / period) % 1.0 < 0.42
+  if pattern == "dots":
+    dx, dy = (xx / period) % 1.0 - 0.5, (yy / period) % 1.0 - 0.5
+    return dx * dx + dy * dy < 0.09
+  if pattern == "checks":
+    return (np.floor(xx / period) + np.floor(yy / period)) % 2 == 0
+  return np.zeros((side, side), bool)
+
+
+def render_product(product: Product, side: int, rng: np.random.Generator) -> Image.Image:
+  """The product as an RGBA image `side` x `side` (transparent around its silhouette).
+
+  Drawn at twice the size and reduced, so the edges are anti-aliased; a darker outline
+  keeps the silhouette readable on a background of similar colour.
+  """
+  big = 2 * side
+  mask = Image.new("L", (big, big), 0)
+  KINDS[product.kind](ImageDraw.Draw(mask), big)
+  rgb = np.empty((big, big, 3), np.float32)
+  rgb[:] = COLOURS[product.colour]
+  if product.accent is not None:
+    rgb[_pattern_mask(product.pattern, big, rng)] = ACCENTS[product.accent]
+  # Erosion as "the whole box-blur window is inside": O(1) per pixel, unlike MinFilter.
+  inner = np.asarray(mask.filter(ImageFilter.BoxBlur(max(1, big // 48)))) >= 250
+  rgb[(np.asarray(mask) > 127) & ~inner] *= 0.55
+  rgba = np.dstack([rgb.astype(np.uint8), np.asarray(mask)])
+  return Image.fromarray(rgba, "RGBA").resize((side, side), Image.Resampling.BOX)
+
+
+def _alpha_box(product: Image.Image, x: int, y: int) -> list[int]:
+  """[x0, y0, x1, y1] of the product's opaque pixels once pasted at (x, y)."""
+  x0, y0, x1, y1 = product.getchannel("A").point(lambda a: 255 if a >= 128 else 0).getbbox()
+  return [x + x0, y + y0, x + x1, y + y1]
+
+
+def _plain_background(size: int, rng: np.random.Generator) -> Image.Image:
+  tone = rng.uniform(205, 250) + rng.uniform(-12, 12, size=3)
+  return Image.new("RGB", (size, size), tuple(int(v) for v in np.clip(tone, 0, 255)))
+
+
+def _busy_background(size: int, rng: np.random.Generator) -> Image.Image:
+  """A muted gradient under random faint shapes and pixel noise."""
+  c0, c1 = rng.uniform(60, 200, size=(2, 3))
+  t = np.linspace(0.0, 1.0, size, dtype=np.float32)
+  ramp = t[None, :] if rng.random() < 0.5 else t[:, None]
+  image = Image.fromarray(
+      (c0 + (c1 - c0) * ramp[..., None] * np.ones((size, size, 1))).astype(np.uint8))
+  draw = ImageDraw.Draw(image, "RGBA")
+  for _ in range(rng.integers(8, 15)):
+    colour = tuple(int(v) for v in rng.uniform(40, 220, size=3)) + (int(rng.uniform(60, 140)),)
+    x0, y0 = rng.uniform(-0.2, 1.0, size=2) * size
+    w, h = rng.uniform(0.1, 0.5, size=2) * size
+    shape = rng.integers(3)
+    if shape == 0:
+      draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
+    elif shape == 1:
+      draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
+    else:
+      draw.line([x0, y0, x0 + w, y0 + h], fill=colour, width=max(1, int(size * 0.03)))
+  noise = rng.normal(0.0, 8.0, size=(size, size, 3))
+  return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def render_normal(product: Product, size: int, rng: np.random.Generator):
+  """(RGB image [size, size], box): the product alone on a plain background."""
+  image = _plain_background(size, rng)
+  side = int(size * rng.uniform(0.55, 0.8))
+  sprite = render_product(product, side, rng)
+  x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+  image.paste(sprite, (x, y), sprite)
+  return image, _alpha_box(sprite, x, y)
+
+
+def render_cluttered(product: Product, distractors: list[Product], size: int,
+                     rng: np.random.Generator):
+  """(RGB image, box): the product among `distractors` on a busy background.
+
+  The image is cut into 3 x 3 cells; the target takes one cell (0.27-0.33 of the image
+  side), each distractor another and may spill a little into its neighbours. The
+  target is pasted last so no distractor hides it.
+  """
+  image = _busy_background(size, rng)
+  cell = size / 3
+  cells = rng.permutation(9)
+  for product_d, c in zip(distractors, cells[1:]):
+    side = max(4, int(cell * rng.uniform(0.7, 1.0)))
+    sprite = render_product(product_d, side, rng)
+    x = int((c % 3) * cell + rng.uniform(-0.15, 0.15) * cell + (cell - side) / 2)
+    y = int((c // 3) * cell + rng.uniform(-0.15, 0.15) * cell + (cell - side) / 2)
+    image.paste(sprite, (x, y), sprite)
+  side = max(4, int(cell * rng.uniform(0.8, 1.0)))
+  sprite = render_product(product, side, rng)
+  x = int((cells[0] % 3) * cell + rng.uniform(0, cell - side + 1e-6))
+  y = int((cells[0] // 3) * cell + rng.uniform(0, cell - side + 1e-6))
+  image.paste(sprite, (x, y), sprite)
+  return image, _alpha_box(sprite, x, y)
+
+
+def render_query(product: Product, size: int, rng: np.random.Generator) -> bytes:
+  """JPEG bytes of a new rendering of the product filling most of the frame."""
+  image = _plain_background(size, rng)
+  side = int(size * rng.uniform(0.7, 0.95))
+  sprite = render_product(product, side, rng).rotate(
+      rng.uniform(-15, 15), resample=Image.Resampling.BICUBIC, expand=True)
+  x = int((size - sprite.width) / 2 + rng.uniform(-0.08, 0.08) * size)
+  y = int((size - sprite.height) / 2 + rng.uniform(-0.08, 0.08) * size)
+  image.paste(sprite, (x, y), sprite)
+  image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.6) * size / 64))
+  gain = rng.uniform(0.85, 1.15, size=3) * rng.uniform(0.85, 1.15)
+  pixels = np.clip(np.asarray(image, np.float32) * gain, 0, 255).astype(np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, "JPEG", quality=int(rng.integers(50, 91)))
+  return out.getvalue()
+
+
+# ------------------------------------------------------------------------------ catalog
+
+
+def _distractors(target: Product, pool: list[Product], rng: np.random.Generator) -> list[Product]:
+  """2-5 products for a cluttered image: from `pool` (the split's own products) where
+  possible; about half of them the target's kind in another colour."""
+  same_kind = [p for p in pool if p.kind == target.kind and p.colour != target.colour]
+  other_kind = [p for p in pool if p.kind != target.kind]
+  chosen = []
+  for _ in range(rng.integers(2, 6)):
+    if rng.random() < 0.5:
+      if same_kind:
+        chosen.append(same_kind[rng.integers(len(same_kind))])
+      else:
+        colour = rng.choice([c for c in COLOURS if c != target.colour])
+        chosen.append(Product(target.kind, str(colour), "plain", None))
+    elif other_kind:
+      chosen.append(other_kind[rng.integers(len(other_kind))])
+    else:
+      kind = rng.choice([k for k in KINDS if k != target.kind])
+      chosen.append(Product(str(kind), str(rng.choice(list(COLOURS))), "plain", None))
+  return chosen
+
+
+def _item_products(rng: np.random.Generator, items: int,
+                   one_to_many: bool) -> tuple[list[Product], list[int]]:
+  """The split's products and, per item, which of them it lists."""
+  if not one_to_many:
+    return sample_products(rng, items), list(range(items))
+  copies = []
+  while sum(copies) < items:
+    copies.append(min(int(rng.integers(1, 4)), items - sum(copies)))
+  products = sample_products(rng, len(copies))
+  return products, [p for p, n in enumerate(copies) for _ in range(n)]
+
+
+def write_split(split_dir: str, *, seed: int, split_index: int, items: int, image_size: int,
+                cluttered_fraction: float, one_to_many: bool) -> None:
+  """Writes one split: items.jsonl, queries.jsonl, items/*.png, queries/*.jpg."""
+  rng = np.random.default_rng([seed, split_index])
+  products, product_of_item = _item_products(rng, items, one_to_many)
+  items_of_product: dict[int, list[int]] = {}
+  for i, p in enumerate(product_of_item):
+    items_of_product.setdefault(p, []).append(i)
+  # Repeated products (a catalog larger than the product space) get a model number.
+  model_number: dict[Product, int] = {}
+  os.makedirs(os.path.join(split_dir, "items"), exist_ok=True)
+  os.makedirs(os.path.join(split_dir, "queries"), exist_ok=True)
+  item_lines, query_lines = [], []
+  for i, p in enumerate(product_of_item):
+    product = products[p]
+    item_rng = np.random.default_rng([seed, split_index, i])
+    if item_rng.random() < cluttered_fraction:
+      image, box = render_cluttered(
+          product, _distractors(product, products, item_rng), image_size, item_rng)
+    else:
+      image, box = render_normal(product, image_size, item_rng)
+    image_path = f"items/{i:05d}.png"
+    image.save(os.path.join(split_dir, image_path), "PNG")
+    copy = items_of_product[p].index(i)
+    if copy == 0:
+      model_number[product] = model_number.get(product, 0) + 1
+    title = " ".join(w for w in (LISTING_WORDS[copy], product.title) if w)
+    if model_number[product] > 1:
+      title += f" model {model_number[product]}"
+    item_id = f"item-{i:05d}"
+    item_lines.append({"item_id": item_id, "image": image_path, "title": title})
+    query_path = f"queries/{i:05d}.jpg"
+    with open(os.path.join(split_dir, query_path), "wb") as f:
+      f.write(render_query(product, image_size, item_rng))
+    positives = [item_id] + [f"item-{j:05d}" for j in items_of_product[p] if j != i]
+    query_lines.append({"query_id": f"query-{i:05d}", "image": query_path,
+                        "item_ids": positives, "box": box})
+  for name, lines in (("items.jsonl", item_lines), ("queries.jsonl", query_lines)):
+    with open(os.path.join(split_dir, name), "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def eval_split_items(items: int) -> int:
+  """Items of each eval split: a quarter of train, at least 50 (or all of train)."""
+  return max(items // 4, min(items, 50))
+
+
+def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
+                  one_to_many: bool = False) -> None:
+  """Writes the splits train (half cluttered), eval_normal, eval_cluttered to out_dir.
+
+  Deterministic: the same arguments give byte-identical files.
+  """
+  if items < 1 or image_size < 16:
+    raise ValueError(f"need items >= 1 and image_size >= 16, got {items}, {image_size}")
+  sizes = {"train": (items, 0.5), "eval_normal": (eval_split_items(items), 0.0),
+           "eval_cluttered": (eval_split_items(items), 1.0)}
+  for index, split in enumerate(SPLITS):
+    count, cluttered = sizes[split]
+    write_split(os.path.join(out_dir, split), seed=seed, split_index=index, items=count,
+                image_size=image_size, cluttered_fraction=cluttered, one_to_many=one_to_many)
+
+
+def catalog_root(data_config, workdir: str) -> str:
+  """The dataset root of a run: `data_config.root`, or the synthetic catalog.
+
+  The synthetic catalog (`data_config.synthetic_items/_seed/_image_size`) is written to
+  `workdir/data` unless it is already there. It is written to a temporary folder and
+  renamed into place, so processes racing to write it (multi-host) or a run killed
+  half-way never leave a partial catalog behind.
+  """
+  if data_config.root:
+    return data_config.root
+  root = os.path.join(workdir, "data")
+  params = {"seed": data_config.synthetic_seed, "items": data_config.synthetic_items,
+            "image_size": data_config.synthetic_image_size}
+  marker = os.path.join(root, "synthetic.json")
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      written = json.load(f)
+    if written != params:
+      raise ValueError(f"{root} holds a synthetic catalog written with {written}, but the "
+                       f"config asks for {params}; use another workdir or delete {root}")
+    return root
+  os.makedirs(workdir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".data-", dir=workdir)
+  try:
+    write_catalog(tmp, **params)
+    with open(os.path.join(tmp, "synthetic.json"), "w", encoding="utf-8") as f:
+      json.dump(params, f)
+    os.rename(tmp, root)
+  except OSError:
+    if not os.path.exists(marker):
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return root
+
+
+def main(argv):
+  del argv
+  write_catalog(FLAGS.out, seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
+                one_to_many=FLAGS.one_to_many)
+  print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_string("out", None, "output dataset root", required=True)
+  flags.DEFINE_integer("seed", 0, "catalog seed")
+  flags.DEFINE_integer("items", 400, "items of the train split (eval splits: a quarter)")
+  flags.DEFINE_integer("image_size", 64, "side of item and query images in pixels")
+  flags.DEFINE_bool("one_to_many", False, "several items per product")
+  FLAGS = flags.FLAGS
+  app.run(main)
