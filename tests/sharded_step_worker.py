@@ -38,7 +38,7 @@ def main():
   flat = {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
   for leaf in jax.tree.leaves(state.params):
-    shard_counts.add(len({s.index for s in leaf.addressable_shards}))
+    shard_counts.add(len({str(s.index) for s in leaf.addressable_shards}))
   np.savez(out, losses=np.array(losses), max_distinct_shards=max(shard_counts), **flat)
 
 

@@ -80,7 +80,8 @@ class TextGuidedPooling(nn.Module):
 
     hidden = partitioning.dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype,
                                 name="slot_score_hidden")(slots)
-    scores = partitioning.dense(1, ("mlp", None), dtype=self.dtype,
+    # No bias: the softmax over slots ignores a shared offset.
+    scores = partitioning.dense(1, ("mlp", None), dtype=self.dtype, use_bias=False,
                                 name="slot_score")(nn.gelu(hidden, approximate=False))
     slot_weights = jax.nn.softmax(scores[..., 0].astype(jnp.float32), axis=-1)
     f_m = jnp.einsum("bk,bkd->bd", slot_weights.astype(self.dtype), slots)

@@ -64,16 +64,19 @@ class MultiHeadAttention(nn.Module):
                        f"{self.num_heads} heads")
     head_dim = width // self.num_heads
 
-    def heads(name: str) -> nn.DenseGeneral:
+    def heads(name: str, use_bias: bool = True) -> nn.DenseGeneral:
       return nn.DenseGeneral(
           (self.num_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32,
+          use_bias=use_bias,
           kernel_init=partitioning.init(nn.initializers.xavier_uniform(),
                                         ("embed", "heads", "kv")),
           bias_init=partitioning.init(nn.initializers.zeros, ("heads", "kv")),
           name=name)
 
     query = heads("query")(queries) * head_dim**-0.5
-    key = heads("key")(inputs)
+    # No key bias: it adds the same logit to every key of a query, so the softmax
+    # ignores it and its gradient is zero (a converted CLIP k-bias is dropped exactly).
+    key = heads("key", use_bias=False)(inputs)
     value = heads("value")(inputs)
     # float32 accumulation: bfloat16 logits would round the softmax's inputs.
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
