@@ -10,7 +10,4 @@ from tigerfg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.experiment_config("clip_style", arg)
-  config.model.mode = "clip_style"
-  config.data.mosaic_prob = 0.0
-  return config
+  return config_lib.experiment_config("clip_style", arg)

@@ -11,7 +11,4 @@ from tigerfg_jax import config_lib
 
 
 def get_config(arg=None):
-  config = config_lib.experiment_config("distill", arg)
-  config.loss.w_sim = 1.0
-  config.loss.w_spatial = 0.5
-  return config
+  return config_lib.experiment_config("distill", arg)

@@ -3,11 +3,12 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from tests import train_helpers
-from tigerfg_jax import train
+from tigerfg_jax import checkpointing, sharding, train
 from tigerfg_jax.data import synthetic
 
 
@@ -25,7 +26,6 @@ def _read_metrics(workdir):
 
 def _final_params(workdir, config):
   """The params of the last checkpoint, restored through the trainer's layout."""
-  from tigerfg_jax import checkpointing, sharding
   tokenizer = train.title_tokenizer(config, workdir, [], None)
   mesh = sharding.make_mesh(config.mesh)
   trainer = train.make_trainer(config, mesh, tokenizer.vocab_size)
@@ -55,14 +55,12 @@ def test_resume_equals_uninterrupted(tmp_path, catalog):
   state_b, data_b = _final_params(resumed_dir, config)
   assert data_a == data_b
   assert int(state_a.step) == int(state_b.step) == 12
-  for a, b in zip(np.asarray(list(_leaves(state_a.params))),
-                  np.asarray(list(_leaves(state_b.params)))):
+  for a, b in zip(_leaves(state_a.params), _leaves(state_b.params)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   assert straight == resumed
 
 
 def _leaves(tree):
-  import jax
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 

@@ -12,8 +12,6 @@ VOCAB_SIZE = 40
 def micro_config(stage: str = "distill", **overrides):
   """The `micro` preset with `overrides` given as {'train.steps': 3, ...}."""
   config = config_lib.experiment_config(stage, "micro")
-  if stage == "clip_style":
-    config.model.mode = "clip_style"
   for dotted, value in overrides.items():
     node = config
     *parents, leaf = dotted.split(".")

@@ -25,6 +25,15 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   model.temperature_init    initial tau.
   model.temperature_min     tau is clipped to [temperature_min, 1].
   model.pixel_mean / pixel_std  per-channel normalisation of 0..255 pixels.
+  model.vision_pre_norm     a LayerNorm over the ViT's tokens before its blocks (CLIP).
+  model.mlp_activation      'gelu' (exact) | 'quick_gelu' (OpenAI CLIP): the ViT's and
+                            the text encoder's MLPs.
+  model.norm_eps            LayerNorm epsilon of the ViT and text encoder (CLIP: 1e-5).
+  model.text_causal         causal self-attention in the text encoder (CLIP).
+  model.text_pool           'mean' over the real title tokens | 'eos' (the last real
+                            token, CLIP).
+  model.text_proj_dim       > 0: a bias-free Dense to this width after the text pooling
+                            (CLIP's text projection); 0: none.
   data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
 """
 
@@ -66,6 +75,12 @@ def _model_config(preset: str) -> ml_collections.ConfigDict:
       temperature_min=0.01,
       pixel_mean=_CLIP_MEAN,
       pixel_std=_CLIP_STD,
+      vision_pre_norm=False,
+      mlp_activation="gelu",
+      norm_eps=1e-6,
+      text_causal=False,
+      text_pool="mean",
+      text_proj_dim=0,
   ))
 
 
@@ -152,6 +167,12 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
       batch_size=64,
       every=0,                      # evaluate every N steps too (0 = only at the end).
   ))
+  if stage == "distill":
+    config.loss.w_sim = 1.0
+    config.loss.w_spatial = 0.5
+  if stage == "clip_style":
+    config.model.mode = "clip_style"
+    config.data.mosaic_prob = 0.0
   return config
 
 
@@ -159,6 +180,8 @@ _CHOICES = {
     "model.mode": ("tiger", "clip_style"),
     "model.query_pool": ("cls", "map"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.mlp_activation": ("gelu", "quick_gelu"),
+    "model.text_pool": ("mean", "eos"),
     "loss.spatial_target": ("box", "teacher"),
     "mesh.param_sharding": ("replicated", "fsdp", "tensor"),
     "eval.backend": ("scann", "exact", "approx"),
