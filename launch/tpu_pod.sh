@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs one stage on every host of a Cloud TPU VM pod slice (JAX multi-process SPMD).
+# jax.distributed.initialize() finds the other hosts by itself on TPU VMs (--multihost).
+#
+#   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [CONFIG] [extra --config.KEY=VALUE ...]
+#
+# WORKDIR must be shared by all hosts (a gs:// bucket or a mounted filesystem) and
+# config.data.root a dataset folder every host can read.
+set -euo pipefail
+tpu=$1 zone=$2 workdir=$3 config=${4:-configs/distill.py:b16}
+shift $(( $# < 4 ? $# : 4 ))
+repo=${REPO_DIR:-~/tigerfg_jax}
+gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
+  set -e
+  cd $repo
+  python3 -m venv .venv && . .venv/bin/activate
+  pip install -q -r requirements.txt 'jax[tpu]==0.10.2'
+  python -m tigerfg_jax.main --multihost --config=$config --workdir=$workdir $*
+"
