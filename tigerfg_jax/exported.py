@@ -14,8 +14,8 @@ baked in), so no model code (`tigerfg_jax.models`, flax) is imported here.
     catalog.jsonl          {"item_id", "title"} per catalog row, in index row order
     index/                 `tigerfg_jax.index` ScaNN index (embeddings.npy, ids.npy, ...)
 
-Images are preprocessed as the evaluator does (`folder.decode_rgb` then
-`augment.resize`: decode to RGB, squash to S x S, bilinear); pixel normalisation is
+Images are preprocessed as the evaluator does (`data.pipeline.eval_image`:
+decode to RGB, squash to S x S, bilinear); pixel normalisation is
 inside the encoders.
 
 ```python
@@ -38,7 +38,7 @@ import numpy as np
 from jax import export as jax_export
 
 from tigerfg_jax import index as index_lib
-from tigerfg_jax.data import augment, folder
+from tigerfg_jax.data import pipeline
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 
 FORMAT = "tigerfg_jax.export"
@@ -182,10 +182,9 @@ def load_image(path: str, size: int) -> np.ndarray:
   except OSError as e:
     raise FileNotFoundError(f"{path}: cannot read the image file: {e.strerror}") from e
   try:
-    image = folder.decode_rgb(data, size)
+    return pipeline.eval_image(data, size)
   except Exception as e:  # Pillow raises many types for bad data.
     raise ValueError(f"{path}: cannot decode the image: {e}") from e
-  return augment.resize(image, size, size)
 
 
 # -------------------------------------------------------------------- model ---

@@ -209,6 +209,19 @@ def _padded(rows: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray
   return {"valid": valid, "index": index}
 
 
+def eval_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes -> uint8 `[size, size, 3]` as evaluation and search see them."""
+  return augment.resize(folder.decode_rgb(data, size), size, size)
+
+
+def _eval_images(rows: list[dict[str, Any]], batch_size: int, size: int) -> np.ndarray:
+  """uint8 `[batch_size, size, size, 3]`: the rows' images, then zero padding."""
+  images = np.zeros((batch_size, size, size, 3), np.uint8)
+  for e, row in enumerate(rows):
+    images[e] = eval_image(row["image"], size)
+  return images
+
+
 @dataclasses.dataclass(frozen=True)
 class _EvalItemBatch:
   title_tokens: np.ndarray
@@ -218,11 +231,8 @@ class _EvalItemBatch:
 
   def __call__(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     batch = _padded(rows, self.batch_size)
-    image = np.zeros((self.batch_size, self.size, self.size, 3), np.uint8)
-    for e, row in enumerate(rows):
-      image[e] = augment.resize(folder.decode_rgb(row["image"], self.size), self.size, self.size)
     index = np.maximum(batch["index"], 0)
-    batch.update(item_image=image,
+    batch.update(item_image=_eval_images(rows, self.batch_size, self.size),
                  title_tokens=np.where(batch["valid"][:, None], self.title_tokens[index], 0),
                  title_mask=self.title_mask[index] & batch["valid"][:, None])
     return batch
@@ -235,10 +245,7 @@ class _EvalQueryBatch:
 
   def __call__(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     batch = _padded(rows, self.batch_size)
-    image = np.zeros((self.batch_size, self.size, self.size, 3), np.uint8)
-    for e, row in enumerate(rows):
-      image[e] = augment.resize(folder.decode_rgb(row["image"], self.size), self.size, self.size)
-    batch["query_image"] = image
+    batch["query_image"] = _eval_images(rows, self.batch_size, self.size)
     return batch
 
 
