@@ -107,7 +107,8 @@ def test_cluttered_target_size_and_distractors(catalog):
 
 
 def test_one_to_many_positives_share_the_product(tmp_path):
-  synthetic.write_catalog(str(tmp_path), seed=1, items=30, image_size=32, one_to_many=True)
+  synthetic.write_catalog(str(tmp_path), seed=1, items=30, image_size=32, one_to_many=True,
+                          title_pattern_prob=1.0)
   items = {i["item_id"]: i["title"] for i in _lines(str(tmp_path / "train" / "items.jsonl"))}
   queries = _lines(str(tmp_path / "train" / "queries.jsonl"))
   assert len(set(items.values())) == len(items)
@@ -119,6 +120,23 @@ def test_one_to_many_positives_share_the_product(tmp_path):
   for query in queries:
     described = {tuple(product_words(items[i])) for i in query["item_ids"]}
     assert len(described) == 1
+
+
+def test_titles_name_the_pattern_as_often_as_asked(tmp_path):
+  """Partial titles: colour and kind always; the pattern only with title_pattern_prob."""
+  def titles(prob):
+    out = tmp_path / str(prob)
+    synthetic.write_catalog(str(out), seed=3, items=60, image_size=16,
+                            title_pattern_prob=prob)
+    return [i["title"] for i in _lines(str(out / "train" / "items.jsonl"))]
+
+  full, short = titles(1.0), titles(0.0)
+  assert len(set(short)) == len(short)  # unique even when many share colour and kind
+  assert not any(" with " in t for t in short)
+  assert sum(" with " in t for t in full) > len(full) // 2
+  for long_title, short_title in zip(full, short):
+    words = short_title.split(" model ")[0]
+    assert long_title.startswith(words), (long_title, short_title)
 
 
 def test_cli_writes_the_catalog(tmp_path):

@@ -1,8 +1,9 @@
 r"""Procedural e-commerce catalog written in the dataset folder format.
 
 Products are a kind (round handbag, square box, shirt, ...), a colour and a pattern
-(plain, or stripes / dots / checks in an accent colour); titles name them in words
-("red round handbag with white stripes"). Each split (`train`, `eval_normal`,
+(plain, or stripes / dots / checks in an accent colour); titles name them in words,
+the pattern only sometimes ("red round handbag", "red round handbag with white
+stripes"): the title says which object is meant, the image what it looks like. Each split (`train`, `eval_normal`,
 `eval_cluttered`) is its own catalog:
 
 * `normal` item images show the product alone on a plain background;
@@ -53,6 +54,8 @@ ACCENTS = {**COLOURS, "white": (250, 250, 250), "black": (25, 25, 25)}
 PATTERNS = ("plain", "stripes", "dots", "checks")
 # Listing words that tell apart the titles of items sharing a product (one_to_many).
 LISTING_WORDS = ("", "new", "classic")
+# How often a patterned product's title names the pattern (see Product.listing_title).
+TITLE_PATTERN_PROB = 0.25
 
 Point = tuple[float, float]
 
@@ -155,9 +158,20 @@ class Product:
 
   @property
   def title(self) -> str:
+    """The full description: colour, kind and pattern."""
     if self.pattern == "plain":
       return f"{self.colour} {self.kind}"
     return f"{self.colour} {self.kind} with {self.accent} {self.pattern}"
+
+  def listing_title(self, rng: np.random.Generator, pattern_prob: float) -> str:
+    """A seller's title: colour and kind always, the pattern only sometimes.
+
+    Real titles rarely describe everything the photo shows, so with `pattern_prob` < 1
+    items that share colour and kind are told apart by their images alone.
+    """
+    if self.pattern != "plain" and rng.random() < pattern_prob:
+      return self.title
+    return f"{self.colour} {self.kind}"
 
 
 def product_space() -> tuple[list[Product], np.ndarray]:
@@ -345,15 +359,16 @@ def _item_products(rng: np.random.Generator, items: int,
 
 
 def write_split(split_dir: str, *, seed: int, split_index: int, items: int, image_size: int,
-                cluttered_fraction: float, one_to_many: bool) -> None:
+                cluttered_fraction: float, one_to_many: bool,
+                title_pattern_prob: float) -> None:
   """Writes one split: items.jsonl, queries.jsonl, items/*.png, queries/*.jpg."""
   rng = np.random.default_rng([seed, split_index])
   products, product_of_item = _item_products(rng, items, one_to_many)
   items_of_product: dict[int, list[int]] = {}
   for i, p in enumerate(product_of_item):
     items_of_product.setdefault(p, []).append(i)
-  # Repeated products (a catalog larger than the product space) get a model number.
-  model_number: dict[Product, int] = {}
+  # Repeated titles get a model number, so that titles are unique per item.
+  model_number: dict[str, int] = {}
   os.makedirs(os.path.join(split_dir, "items"), exist_ok=True)
   os.makedirs(os.path.join(split_dir, "queries"), exist_ok=True)
   item_lines, query_lines = [], []
@@ -368,11 +383,11 @@ def write_split(split_dir: str, *, seed: int, split_index: int, items: int, imag
     image_path = f"items/{i:05d}.png"
     image.save(os.path.join(split_dir, image_path), "PNG")
     copy = items_of_product[p].index(i)
-    if copy == 0:
-      model_number[product] = model_number.get(product, 0) + 1
-    title = " ".join(w for w in (LISTING_WORDS[copy], product.title) if w)
-    if model_number[product] > 1:
-      title += f" model {model_number[product]}"
+    title = " ".join(w for w in (LISTING_WORDS[copy],
+                                 product.listing_title(item_rng, title_pattern_prob)) if w)
+    model_number[title] = model_number.get(title, 0) + 1
+    if model_number[title] > 1:
+      title += f" model {model_number[title]}"
     item_id = f"item-{i:05d}"
     item_lines.append({"item_id": item_id, "image": image_path, "title": title})
     query_path = f"queries/{i:05d}.jpg"
@@ -392,8 +407,12 @@ def eval_split_items(items: int) -> int:
 
 
 def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
-                  one_to_many: bool = False) -> None:
+                  one_to_many: bool = False,
+                  title_pattern_prob: float = TITLE_PATTERN_PROB) -> None:
   """Writes the splits train (half cluttered), eval_normal, eval_cluttered to out_dir.
+
+  `title_pattern_prob`: how often a patterned product's title names its pattern (1: titles
+  describe products completely, and the title alone identifies the product).
 
   Deterministic: the same arguments give byte-identical files.
   """
@@ -404,7 +423,8 @@ def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
   for index, split in enumerate(SPLITS):
     count, cluttered = sizes[split]
     write_split(os.path.join(out_dir, split), seed=seed, split_index=index, items=count,
-                image_size=image_size, cluttered_fraction=cluttered, one_to_many=one_to_many)
+                image_size=image_size, cluttered_fraction=cluttered, one_to_many=one_to_many,
+                title_pattern_prob=title_pattern_prob)
 
 
 def catalog_root(data_config, workdir: str) -> str:
@@ -446,7 +466,7 @@ def catalog_root(data_config, workdir: str) -> str:
 def main(argv):
   del argv
   write_catalog(FLAGS.out, seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
-                one_to_many=FLAGS.one_to_many)
+                one_to_many=FLAGS.one_to_many, title_pattern_prob=FLAGS.title_pattern_prob)
   print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
 
 
@@ -458,5 +478,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("items", 400, "items of the train split (eval splits: a quarter)")
   flags.DEFINE_integer("image_size", 64, "side of item and query images in pixels")
   flags.DEFINE_bool("one_to_many", False, "several items per product")
+  flags.DEFINE_float("title_pattern_prob", TITLE_PATTERN_PROB,
+                     "how often a title names its product's pattern")
   FLAGS = flags.FLAGS
   app.run(main)
