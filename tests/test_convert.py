@@ -1,10 +1,9 @@
 """CLIP weight import: a tiny random `transformers.CLIPModel` built here (nothing is
 downloaded) is converted, and our encoders must compute its image and text features.
 
-Tests marked `needs_clip_options` need the model options that make our encoders
-compute what CLIP computes (`config.model.vision_pre_norm`, `mlp_activation`,
-`norm_eps`, `text_causal`, `text_pool`, `text_proj_dim`; see `tigerfg_jax/convert.py`);
-they skip, saying so, on a model without them.
+The conversion uses the model options that make our encoders compute what CLIP
+computes (`config.model.vision_pre_norm`, `mlp_activation`, `norm_eps`, `text_causal`,
+`text_pool`, `text_proj_dim`; see `tigerfg_jax/convert.py`).
 """
 
 from __future__ import annotations
@@ -45,19 +44,9 @@ CLIP_OPTIONS = dict(vision_pre_norm=True, mlp_activation="quick_gelu", norm_eps=
                     text_causal=True, text_pool="eos", text_proj_dim=PROJECTION)
 
 
-def _has_clip_options() -> bool:
-  model = config_lib.experiment_config("clip_style", "micro").model
-  return all(key in model for key in CLIP_OPTIONS)
-
-
-needs_clip_options = pytest.mark.skipif(
-    not _has_clip_options(),
-    reason="needs the CLIP model options config.model." + ", config.model.".join(CLIP_OPTIONS)
-    + " (requested from the models owner; see tigerfg_jax/convert.py)")
-
-
 def tiny_clip(vision_width: int = 32, seed: int = 0):
-  """A `CLIPModel` the size of the `micro` preset, every weight random (norms too)."""
+  """A `CLIPModel` the size of the `micro` preset, every weight random (norms too, and
+  the attention key biases the converter drops, so that dropping them is tested)."""
   torch.manual_seed(seed)
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64,
@@ -82,7 +71,6 @@ def tiny_clip(vision_width: int = 32, seed: int = 0):
 def micro_config(tokenizer: str, **model_overrides):
   """`clip_style` at `micro` (ViT and text 'mu', 32x32 images, patch 8, no registers)."""
   config = config_lib.experiment_config("clip_style", "micro")
-  config.model.mode = "clip_style"
   config.model.embed_dim = PROJECTION
   config.data.tokenizer = tokenizer
   for key, value in model_overrides.items():
@@ -113,7 +101,7 @@ def converted(clip, tmp_path_factory):
   with contextlib.redirect_stdout(io.StringIO()) as printed:
     report = convert.convert(folder, config, out)
   mesh = sharding.make_mesh(config.mesh)
-  model, params = train.load_teacher(out, mesh, len(VOCAB))
+  model, params = train.load_run(out, mesh, len(VOCAB))
   return report, printed.getvalue(), out, config, model, params
 
 
@@ -126,7 +114,6 @@ def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@needs_clip_options
 def test_image_features_match_transformers(clip, converted):
   torch_model, _, _ = clip
   _, _, _, config, model, params = converted
@@ -146,7 +133,6 @@ def test_image_features_match_transformers(clip, converted):
   np.testing.assert_allclose(query, _unit(features_ref), atol=1e-4)
 
 
-@needs_clip_options
 def test_text_features_match_transformers(clip, converted):
   torch_model, _, _ = clip
   _, _, _, config, _, params = converted
@@ -172,7 +158,6 @@ def test_text_features_match_transformers(clip, converted):
   np.testing.assert_allclose(pooled, features_ref, atol=1e-4)
 
 
-@needs_clip_options
 def test_report_accounts_for_every_parameter(converted):
   report, printed, out, _, _, params = converted
   with open(os.path.join(out, convert.REPORT_FILE)) as f:
@@ -190,15 +175,18 @@ def test_report_accounts_for_every_parameter(converted):
   assert {"log_temperature", "item_tower/projection/kernel"} <= new
   assert all(p in new for p in every if p.startswith("item_tower/pooling/"))
   assert report["unused_checkpoint_tensors"] == ["logit_scale"]
+  assert report["dropped_no_effect"] == sorted(
+      f"{tower}.encoder.layers.{i}.self_attn.k_proj.bias"
+      for tower in ("vision_model", "text_model") for i in range(2))
   assert report["vocab_size"] == len(VOCAB)
   assert os.path.exists(os.path.join(out, train.TOKENIZER_FILE))
   pooling = sum(p.startswith("item_tower/pooling/") for p in new)
   assert f"newly initialised:  {len(new)} arrays" in printed
   assert f"item_tower/pooling ({pooling} arrays)" in printed
   assert "log_temperature (1 arrays)" in printed
+  assert "dropped, no effect: 4 attention key biases" in printed
 
 
-@needs_clip_options
 def test_workdir_restores_as_a_training_run_at_step_0(converted):
   _, _, out, config, _, params = converted
   trainer = train.make_trainer(config, sharding.make_mesh(config.mesh), len(VOCAB))
@@ -220,7 +208,8 @@ def test_fresh_iterator_state_is_what_the_training_pipeline_starts_from(clip, tm
   _, _, vocab = clip
   config = micro_config(vocab)
   synthetic.write_split(str(tmp_path / "train"), seed=0, split_index=0, items=8,
-                        image_size=32, cluttered_fraction=0.5, one_to_many=False)
+                        image_size=32, cluttered_fraction=0.5, one_to_many=False,
+                        title_pattern_prob=synthetic.TITLE_PATTERN_PROB)
   split = pipeline.load_split(str(tmp_path), "train", cache_dir=str(tmp_path / ".cache"))
   iterator = pipeline.train_iterator(
       split, TitleTokenizer.load(vocab), config.data, batch_size=4,
@@ -260,18 +249,13 @@ def test_other_shapes_name_the_parameter_and_both_shapes(clip, tmp_path):
   _, _, vocab = clip
   tiny_clip(vision_width=48).save_pretrained(tmp_path / "wide")
   with pytest.raises(convert.ConversionError) as error:
-    convert.convert(str(tmp_path / "wide"), micro_config(vocab, **_options()),
+    convert.convert(str(tmp_path / "wide"), micro_config(vocab, **CLIP_OPTIONS),
                     str(tmp_path / "out"))
   message = str(error.value)
   assert ("vision/encoder/block_0/attn/query/kernel <- "
           "vision_model.encoder.layers.0.self_attn.q_proj.weight") in message
   assert "checkpoint gives (48, 48), model has (32, 2, 16)" in message
   assert "vision/patch_embed/kernel" in message and "(8, 8, 3, 48)" in message
-
-
-def _options() -> dict:
-  """CLIP_OPTIONS where the model has them: the shape check runs either way."""
-  return CLIP_OPTIONS if _has_clip_options() else {}
 
 
 def test_model_that_differs_from_clip_gets_the_overrides_to_use(clip):

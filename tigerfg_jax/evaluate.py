@@ -7,6 +7,7 @@ the console; the embeddings are saved next to them with their ids.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable, Iterable
@@ -51,17 +52,20 @@ def embed_batches(embed_fn: Callable[..., jax.Array], batches: Iterable[dict[str
   return out
 
 
-def make_embed_fns(model: towers.TigerFG, params: Any,
+def make_embed_fns(model: towers.TigerFG,
                    mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
-  """Jitted (query_image) -> [B, E] and (item_image, tokens, mask) -> [B, E]."""
+  """Jitted `(params, query_image) -> [B, E]` and `(params, image, tokens, mask) -> [B, E]`.
+
+  Params are an argument, not a closure: they are not baked into the compiled program
+  (and so one compilation serves every checkpoint of the same shapes).
+  """
   repl = sharding.replicated(mesh)
-  variables = {"params": params}
 
-  def embed_query(query_image):
-    return model.apply(variables, query_image, method=towers.TigerFG.embed_query)
+  def embed_query(params, query_image):
+    return model.apply({"params": params}, query_image, method=towers.TigerFG.embed_query)
 
-  def embed_item(item_image, title_tokens, title_mask):
-    emb, _ = model.apply(variables, item_image, title_tokens, title_mask,
+  def embed_item(params, item_image, title_tokens, title_mask):
+    emb, _ = model.apply({"params": params}, item_image, title_tokens, title_mask,
                          method=towers.TigerFG.embed_item)
     return emb
 
@@ -109,7 +113,9 @@ def evaluate_all(model: towers.TigerFG, params: Any, tokenizer: TitleTokenizer,
   """Evaluates each split; writes `workdir/eval/results.json`, prints a table."""
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  embed_query, embed_item = make_embed_fns(model, params, mesh)
+  embed_query, embed_item = make_embed_fns(model, mesh)
+  embed_query = functools.partial(embed_query, params)
+  embed_item = functools.partial(embed_item, params)
   results = {}
   for name, split in splits.items():
     results[name] = evaluate_split(split, embed_query, embed_item, tokenizer, config,

@@ -20,6 +20,7 @@ evaluator's own functions, so they equal DIR/eval/<split>_item_emb.npy. Single-p
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -61,8 +62,10 @@ def export_encoders(model: towers.TigerFG, params: Any, config: ml_collections.C
   """
   one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
                                  sharding.MESH_AXES)
-  embed_query, embed_item = evaluate.make_embed_fns(model, jax.device_get(params),
-                                                    one_device)
+  embed_query, embed_item = evaluate.make_embed_fns(model, one_device)
+  host_params = jax.device_get(params)
+  embed_query = jax.jit(functools.partial(embed_query, host_params))
+  embed_item = jax.jit(functools.partial(embed_item, host_params))
   b, = jax_export.symbolic_shape("b")
   query, item = config.data.query_image_size, config.data.item_image_size
   length = config.model.max_title_len
@@ -80,11 +83,11 @@ def catalog_embeddings(model: towers.TigerFG, params: Any, tokenizer: TitleToken
                        split: pipeline.Split, config: ml_collections.ConfigDict,
                        mesh: jax.sharding.Mesh) -> np.ndarray:
   """float32 `[M, E]` item embeddings of `split`, computed as the evaluator does."""
-  _, embed_item = evaluate.make_embed_fns(model, params, mesh)
+  _, embed_item = evaluate.make_embed_fns(model, mesh)
   batches = pipeline.eval_item_batches(split, tokenizer, config.data,
                                        batch_size=config.eval.batch_size,
                                        max_title_len=config.model.max_title_len)
-  return evaluate.embed_batches(embed_item, batches,
+  return evaluate.embed_batches(functools.partial(embed_item, params), batches,
                                 ("item_image", "title_tokens", "title_mask"),
                                 split.num_items, mesh, f"{split.name} items")
 
@@ -132,8 +135,7 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
   catalog = load_catalog_split(config, workdir, split, data_root)
   tokenizer = TitleTokenizer.load(os.path.join(workdir, train.TOKENIZER_FILE))
   mesh = sharding.make_mesh(config.mesh)
-  # `load_teacher` restores any run's model and latest params, not only a teacher's.
-  model, params = train.load_teacher(workdir, mesh, tokenizer.vocab_size)
+  model, params = train.load_run(workdir, mesh, tokenizer.vocab_size)
   step = checkpointing.make_manager(os.path.join(workdir, "checkpoints")).latest_step()
   item_emb = catalog_embeddings(model, params, tokenizer, catalog, config, mesh)
   encoders = export_encoders(model, params, config, platforms)

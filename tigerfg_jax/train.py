@@ -50,11 +50,15 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """A run's saved config; keys added to the project since then take their defaults."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no saved config; is {workdir} a tigerfg_jax workdir?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  config = config_lib.experiment_config(saved["stage"], saved["preset"])
+  config.update(saved)
+  return config
 
 
 def teacher_stage_config(config: ml_collections.ConfigDict,
@@ -143,14 +147,14 @@ def needs_teacher(config: ml_collections.ConfigDict) -> bool:
       loss.w_sim > 0 or (loss.w_spatial > 0 and loss.spatial_target == "teacher"))
 
 
-def load_teacher(teacher_dir: str, mesh: jax.sharding.Mesh,
-                 vocab_size: int) -> tuple[towers.TigerFG, Any]:
-  """The frozen teacher model and its params, read from a teacher run's workdir."""
-  teacher_config = load_config(teacher_dir)
-  model = model_for(teacher_config, vocab_size)
-  boxed, param_shardings = abstract_params(model, teacher_config, mesh)
+def load_run(workdir: str, mesh: jax.sharding.Mesh,
+             vocab_size: int) -> tuple[towers.TigerFG, Any]:
+  """A run's model (from its saved config) and its latest params (e.g. a teacher)."""
+  run_config = load_config(workdir)
+  model = model_for(run_config, vocab_size)
+  boxed, param_shardings = abstract_params(model, run_config, mesh)
   abstract = with_shardings(nn.meta.unbox(boxed)["params"], param_shardings)
-  params = checkpointing.restore_params(os.path.join(teacher_dir, "checkpoints"), abstract)
+  params = checkpointing.restore_params(os.path.join(workdir, "checkpoints"), abstract)
   return model, params
 
 
@@ -267,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- model, optimizer, teacher ---
   teacher_model, teacher_params = None, None
   if teacher_dir is not None:
-    teacher_model, teacher_params = load_teacher(teacher_dir, mesh, tokenizer.vocab_size)
+    teacher_model, teacher_params = load_run(teacher_dir, mesh, tokenizer.vocab_size)
   trainer = make_trainer(config, mesh, tokenizer.vocab_size, teacher_model, teacher_params)
 
   # --- input pipeline and checkpoint restore ---

@@ -183,8 +183,7 @@ def load_model(workdir: str) -> tuple[towers.TigerFG, Any, TitleTokenizer]:
   config = train.load_config(workdir)
   tokenizer = TitleTokenizer.load(os.path.join(workdir, train.TOKENIZER_FILE))
   mesh = sharding.make_mesh(config.mesh)
-  # load_teacher rebuilds any run's model from its saved config and latest checkpoint.
-  model, params = train.load_teacher(workdir, mesh, tokenizer.vocab_size)
+  model, params = train.load_run(workdir, mesh, tokenizer.vocab_size)
   return model, params, tokenizer
 
 
