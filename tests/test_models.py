@@ -1,8 +1,10 @@
-"""Model modules: shapes/dtypes, masking, the teacher's region mask, partitioning."""
+"""Model modules: shapes/dtypes, masking, the teacher's region mask, partitioning, and
+the encoders' options (CLIP's) against NumPy float64 references."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -154,30 +156,199 @@ def test_submodule_shapes_and_dtypes():
     assert out["slot_weights"].dtype == out["attention"].dtype == f32
 
 
-def test_attention_matches_numpy_reference():
+# ---------------------------------------------- NumPy float64 references ---
+
+def _float64_params(variables) -> dict:
+  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables["params"])
+
+
+def _random_variables(module: nn.Module, *args, seed: int) -> dict:
+  """`module`'s variables, every one random (biases too; LayerNorm scales near 1).
+
+  Shapes come from `jax.eval_shape`: running the initialisers would compile each one.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
+
+  def draw(path, leaf):
+    offset = 1.0 if path[-1].key == "scale" else 0.0
+    return (offset + rng.normal(0.0, 0.2, leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+_NP_ACTIVATIONS = {
+    "gelu": lambda x: 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2))),
+    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
+}
+
+
+def _np_layer_norm(x, p, eps):
+  centred = x - x.mean(-1, keepdims=True)
+  normalised = centred / np.sqrt(np.mean(centred**2, -1, keepdims=True) + eps)
+  return normalised * p["scale"] + p["bias"]
+
+
+def _np_attention(queries, inputs, p, mask):
+  """Multi-head attention; mask bool `[B, Q, K]`; a row with no key is uniform."""
+  def project(x, name):
+    return np.einsum("bkd,dhe->bkhe", x, p[name]["kernel"]) + p[name].get("bias", 0.0)
+
+  q, k, v = project(queries, "query"), project(inputs, "key"), project(inputs, "value")
+  logits = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+  allowed = np.broadcast_to(mask[:, None], logits.shape)
+  weights = np.exp(logits - logits.max(-1, keepdims=True)) * allowed
+  weights = np.where(allowed.any(-1, keepdims=True), weights, 1.0)
+  weights /= weights.sum(-1, keepdims=True)
+  mixed = np.einsum("bhqk,bkhe->bqhe", weights, v)
+  return np.einsum("bqhe,hed->bqd", mixed, p["out"]["kernel"]) + p["out"]["bias"], weights
+
+
+def _np_encoder(x, p, mask, activation, eps):
+  """`transformer.Encoder`: pre-LN blocks, then a LayerNorm."""
+  depth = sum(name.startswith("block_") for name in p)
+  for i in range(depth):
+    block = p[f"block_{i}"]
+    y = _np_layer_norm(x, block["norm1"], eps)
+    x = x + _np_attention(y, y, block["attn"], mask)[0]
+    y = _np_layer_norm(x, block["norm2"], eps)
+    hidden = _NP_ACTIVATIONS[activation](
+        y @ block["mlp"]["fc1"]["kernel"] + block["mlp"]["fc1"]["bias"])
+    x = x + hidden @ block["mlp"]["fc2"]["kernel"] + block["mlp"]["fc2"]["bias"]
+  return _np_layer_norm(x, p["norm"], eps)
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_attention_matches_numpy_reference(per_query):
   rng = np.random.default_rng(0)
   queries = rng.normal(size=(2, 3, 8)).astype(np.float32)
   inputs = rng.normal(size=(2, 5, 6)).astype(np.float32)
-  mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
+  keys = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], bool)
+  # Row 1 has no allowed key (uniform); per query, query 0 of row 0 sees key 0 only.
+  mask = np.broadcast_to(keys[:, None], (2, 3, 5)).copy()
+  mask[0, 0, 1:] = False
   layer = transformer.MultiHeadAttention(num_heads=2)
-  (out, weights), variables = jax.jit(layer.init_with_output)(
-      jax.random.key(1), queries, inputs, mask)
-  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64),
-                             nn.meta.unbox(variables)["params"])
-
-  def project(x, name):
-    return np.einsum("bkd,dhe->bkhe", x, p[name]["kernel"]) + p[name]["bias"]
-
-  q, k, v = project(queries, "query"), project(inputs, "key"), project(inputs, "value")
-  logits = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(4)
-  want_weights = np.exp(logits) * mask[:, None, None, :]
-  # Row 1 has no allowed key: uniform over all of them.
-  want_weights[1] = 1.0
-  want_weights /= want_weights.sum(-1, keepdims=True)
-  mixed = np.einsum("bhqk,bkhe->bqhe", want_weights, v)
-  want = np.einsum("bqhe,hed->bqd", mixed, p["out"]["kernel"]) + p["out"]["bias"]
+  variables = _random_variables(layer, queries, inputs, seed=0)
+  out, weights = layer.apply(variables, queries, inputs, mask if per_query else keys)
+  p = _float64_params(variables)
+  assert "bias" not in p["key"]
+  want, want_weights = _np_attention(queries, inputs, p,
+                                     mask if per_query else keys[:, None])
   np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "quick_gelu"])
+def test_mlp_activation_matches_closed_form(activation):
+  x = np.linspace(-6, 6, 97, dtype=np.float32)
+  got = transformer.ACTIVATIONS[activation](jnp.asarray(x))
+  np.testing.assert_allclose(got, _NP_ACTIVATIONS[activation](x.astype(np.float64)),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("pre_norm,activation,eps", [(False, "gelu", 1e-6),
+                                                     (True, "quick_gelu", 0.3)])
+def test_vision_encoder_options_match_numpy_reference(pre_norm, activation, eps):
+  patch, registers = 8, 2
+  images = np.random.default_rng(2).normal(size=(BATCH, 16, 24, 3)).astype(np.float32)
+  encoder = vision.VisionEncoder("mu", patch, registers, pre_norm=pre_norm,
+                                 activation=activation, norm_eps=eps)
+  variables = _random_variables(encoder, images, seed=1)
+  tokens = encoder.apply(variables, images)
+  p = _float64_params(variables)
+  assert ("pre_norm" in p) == pre_norm
+
+  grid_h, grid_w = 16 // patch, 24 // patch
+  patches = images.astype(np.float64).reshape(BATCH, grid_h, patch, grid_w, patch, 3)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(BATCH, grid_h * grid_w, -1)
+  kernel = p["patch_embed"]["kernel"].reshape(-1, 32)  # [p * p * 3, D], (y, x, c).
+  x = patches @ kernel + p["patch_embed"]["bias"] + p["pos_embedding"]
+  prefix = np.concatenate([p["cls"], p["registers"]])
+  x = np.concatenate([np.broadcast_to(prefix, (BATCH, *prefix.shape)), x], axis=1)
+  if pre_norm:
+    x = _np_layer_norm(x, p["pre_norm"], eps)
+  everything = np.ones((BATCH, x.shape[1], x.shape[1]), bool)
+  want = _np_encoder(x, p["encoder"], everything, activation, eps)
+  np.testing.assert_allclose(tokens, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal,pool,proj_dim,activation,eps", [
+    (False, "mean", 0, "gelu", 1e-6),
+    (True, "eos", 12, "quick_gelu", 0.3),
+    (True, "mean", 0, "gelu", 1e-5),
+    (False, "eos", 0, "quick_gelu", 1e-6),
+])
+def test_text_encoder_options_match_numpy_reference(causal, pool, proj_dim, activation,
+                                                    eps):
+  length, lengths = 7, np.array([7, 3, 0])
+  rng = np.random.default_rng(3)
+  mask = np.arange(length)[None, :] < lengths[:, None]
+  tokens = np.where(mask, rng.integers(1, VOCAB, mask.shape), 0).astype(np.int32)
+  encoder = text.TextEncoder("mu", VOCAB, 8, causal=causal, pool=pool,
+                             proj_dim=proj_dim, activation=activation, norm_eps=eps)
+  variables = _random_variables(encoder, tokens, mask, seed=2)
+  got_tokens, pooled = encoder.apply(variables, tokens, mask)
+  p = _float64_params(variables)
+  assert ("projection" in p) == bool(proj_dim)
+
+  x = p["token_embed"]["embedding"][tokens] + p["pos_embedding"][:length]
+  attend = np.broadcast_to(mask[:, None, :], (3, length, length))
+  if causal:
+    attend = attend & (np.arange(length)[None, :] <= np.arange(length)[:, None])
+  x = _np_encoder(x, p["encoder"], attend, activation, eps)
+  if pool == "eos":
+    want = np.stack([x[b, n - 1] if n else np.zeros(32) for b, n in enumerate(lengths)])
+  else:
+    want = np.stack([x[b, :n].mean(0) if n else np.zeros(32)
+                     for b, n in enumerate(lengths)])
+  if proj_dim:
+    want = want @ p["projection"]["kernel"]
+  assert pooled.shape == (3, proj_dim or 32)
+  # Padded positions' outputs are unused; the real tokens' must match.
+  np.testing.assert_allclose(np.asarray(got_tokens)[mask], x[mask], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(pooled, want, rtol=1e-4, atol=1e-4)
+
+
+def _encoders_and_params(config) -> tuple[dict[str, nn.Module], dict]:
+  """TigerFG's ViTs and text encoder by name, as called, and its param shapes."""
+  encoders = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, (vision.VisionEncoder, text.TextEncoder)):
+      encoders[context.module.name] = context.module
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(towers.TigerFG(config).init,
+                               {"params": jax.random.key(0)}, _batch())
+  return encoders, nn.meta.unbox(variables)["params"]
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_model_options_reach_the_encoders(clip):
+  """TigerFG hands the config's options to its encoders; the defaults add nothing."""
+  options = dict(vision_pre_norm=True, mlp_activation="quick_gelu", norm_eps=1e-5,
+                 text_causal=True, text_pool="eos", text_proj_dim=12)
+  defaults = dict(vision_pre_norm=False, mlp_activation="gelu", norm_eps=1e-6,
+                  text_causal=False, text_pool="mean", text_proj_dim=0)
+  assert {k: v for k, v in _model_config().items() if k in defaults} == defaults
+  want = options if clip else defaults
+  encoders, params = _encoders_and_params(
+      _model_config(**want, mode="clip_style", share_vision=False))
+  for name in ("vision", "item_vision"):
+    vit = encoders[name]
+    assert (vit.pre_norm, vit.activation, vit.norm_eps) == (
+        want["vision_pre_norm"], want["mlp_activation"], want["norm_eps"])
+    assert ("pre_norm" in params[name]) == clip
+  title = encoders["text_encoder"]
+  assert (title.causal, title.pool, title.proj_dim, title.activation,
+          title.norm_eps) == (want["text_causal"], want["text_pool"],
+                              want["text_proj_dim"], want["mlp_activation"],
+                              want["norm_eps"])
+  assert ("projection" in params["item_tower"]["text_encoder"]) == clip
+  # clip_style concatenates the MAP-pooled image and the (projected) title.
+  assert params["item_tower"]["projection"]["kernel"].shape == (
+      32 + (12 if clip else 32), 256)
 
 
 @pytest.mark.parametrize("mode", ["tiger", "clip_style"])
@@ -254,7 +425,9 @@ def test_config_errors_are_clear():
   for overrides, match in [(dict(vocab_size=0), "vocab_size=0"),
                            (dict(mode="global"), "model.mode='global'"),
                            (dict(dtype="float16"), "model.dtype='float16'"),
-                           (dict(query_pool="mean"), "query_pool='mean'")]:
+                           (dict(query_pool="mean"), "query_pool='mean'"),
+                           (dict(mlp_activation="relu"), "mlp_activation='relu'"),
+                           (dict(text_pool="cls"), "text_pool='cls'")]:
     with pytest.raises(ValueError, match=match):
       jax.eval_shape(towers.TigerFG(_model_config(**overrides)).init,
                      {"params": jax.random.key(0)}, batch)

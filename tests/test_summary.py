@@ -16,7 +16,7 @@ from tigerfg_jax.models import summary
 def _vit_params(width: int, depth: int, mlp: int, patch: int, grid: int,
                 registers: int) -> int:
   """Closed-form parameter count of this project's ViT."""
-  attention = 4 * (width * width + width)
+  attention = 4 * width * width + 3 * width  # q, v, out biases; no key bias
   mlp_block = width * mlp + mlp + mlp * width + width
   norms = 2 * 2 * width
   block = attention + mlp_block + norms

@@ -13,7 +13,8 @@ DIR receives what a training run would have written before its first step:
 `config.json`, `tokenizer.json` (a copy of `config.data.tokenizer`, when set),
 `checkpoints/0` (the train state at step 0 with the CLIP weights in place, a fresh
 optimizer state and the fresh input-pipeline state) and `convert_report.json` (which
-parameters were loaded, zero-filled or newly initialised; unused checkpoint tensors).
+parameters were loaded, zero-filled or newly initialised; which checkpoint tensors
+were dropped as having no effect, and which went unused).
 Then `python -m tigerfg_jax.main --config=<the same> --workdir=DIR` trains from the
 imported weights, and DIR also serves as `config.teacher.checkpoint`.
 
@@ -23,8 +24,9 @@ checks and lists the overrides it needs): `model.vision_pre_norm` (CLIP's pre-LN
 `model.text_causal=True` and `model.text_pool='eos'` (CLIP's text transformer is causal
 and pools at the end token; our titles end with EOS then padding, so "last real
 token" is CLIP's pooling position). CLIP's text projection is loaded when
-`model.text_proj_dim` equals its width, and reported unused when it is 0. Until the
-model has these keys the converter stops, listing them.
+`model.text_proj_dim` equals its width, and reported unused when it is 0. CLIP's
+attention key biases are dropped: our attention has none, and they cannot change
+any output (the softmax over keys ignores a per-query constant).
 
 What CLIP has no counterpart for is newly initialised as a fresh run would (the
 pooling heads, the item projection, the temperature, ViT registers: with
@@ -211,15 +213,11 @@ def required_model_options(state: dict[str, np.ndarray],
 def check_model_options(model_config: ml_collections.ConfigDict,
                         required: dict[str, Any]) -> None:
   """Raises ConversionError listing every `config.model` key that differs from CLIP."""
-  missing = object()
   problems = []
   for key, wanted in required.items():
-    have = model_config.get(key, missing)
-    if have is missing:
-      problems.append(f"config.model.{key} does not exist in this version of the model; "
-                      f"the checkpoint needs {wanted!r}")
-    elif (have != wanted if not isinstance(wanted, float)
-          else not math.isclose(have, wanted, rel_tol=1e-9)):
+    have = model_config[key]
+    if (have != wanted if not isinstance(wanted, float)
+        else not math.isclose(have, wanted, rel_tol=1e-9)):
       problems.append(f"config.model.{key}={have!r}; the checkpoint needs {wanted!r}")
   if problems:
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in required.items())
@@ -248,14 +246,16 @@ def _heads(targets: dict[str, tuple[int, ...]], prefix: str) -> int:
 
 
 def plan(targets: dict[str, tuple[int, ...]], state: dict[str, np.ndarray],
-         facts: CheckpointFacts) -> dict[str, layout.Entry]:
-  """`{our param path: Entry}` for every parameter the checkpoint provides.
+         facts: CheckpointFacts) -> tuple[dict[str, layout.Entry], list[str]]:
+  """`({our param path: Entry}, dropped)` for every parameter the checkpoint provides.
 
   A part (vision tower, text tower, each projection) is loaded when the checkpoint
   has it; then every tensor of it must be there, with as many blocks and heads as the
-  model has.
+  model has. `dropped` names the checkpoint tensors of loaded towers that the model
+  has no place for because they cannot change its function (the key biases).
   """
   entries: dict[str, layout.Entry] = {}
+  dropped: list[str] = []
   problems = []
 
   def check_tower(ours: str, tower: str, heads: int | None, variant_key: str) -> int:
@@ -275,6 +275,7 @@ def plan(targets: dict[str, tuple[int, ...]], state: dict[str, np.ndarray],
         depth = check_tower(ours, "vision_model", facts.vision_heads,
                             "config.model.vision_variant")
         entries.update(layout.vision_entries(ours, depth, f"{ours}/pre_norm/scale" in targets))
+    dropped += layout.key_biases(state, "vision_model")
     if layout.VISUAL_PROJECTION in state:
       entries.update(layout.projection_entries(
           QUERY_PROJECTION, layout.VISUAL_PROJECTION, f"{QUERY_PROJECTION}/bias" in targets))
@@ -282,6 +283,7 @@ def plan(targets: dict[str, tuple[int, ...]], state: dict[str, np.ndarray],
     depth = check_tower(TEXT_ENCODER, "text_model", facts.text_heads,
                         "config.model.text_variant")
     entries.update(layout.text_entries(TEXT_ENCODER, depth))
+    dropped += layout.key_biases(state, "text_model")
     if layout.TEXT_PROJECTION in state and f"{TEXT_ENCODER}/projection/kernel" in targets:
       entries.update(layout.projection_entries(
           f"{TEXT_ENCODER}/projection", layout.TEXT_PROJECTION,
@@ -293,7 +295,7 @@ def plan(targets: dict[str, tuple[int, ...]], state: dict[str, np.ndarray],
   missing = sorted({s for e in entries.values() for s in e.sources} - set(state))
   _raise_if([f"{name}: missing from the checkpoint" for name in missing],
             "the checkpoint lacks tensors of a part it has")
-  return entries
+  return entries, sorted(dropped)
 
 
 # The config key that sets the shape of the parameters under each prefix (first match).
@@ -374,7 +376,7 @@ def convert(checkpoint: str, config: ml_collections.ConfigDict, out: str, *,
   mesh = sharding.make_mesh(config.mesh)
   trainer = train.make_trainer(config, mesh, vocab_size)
   targets = {p: tuple(a.shape) for p, a in flat_params(trainer.abstract_state.params).items()}
-  entries = plan(targets, state, facts)
+  entries, dropped = plan(targets, state, facts)
   built = build_params(entries, targets, state)
   check_model_options(config.model, required_model_options(state, facts))
 
@@ -395,8 +397,8 @@ def convert(checkpoint: str, config: ml_collections.ConfigDict, out: str, *,
   manager.wait_until_finished()
   manager.close()
 
-  report = _report(checkpoint, weights, source_layout, entries, targets, state, facts,
-                   vocab_size, tokenizer is not None)
+  report = _report(checkpoint, weights, source_layout, entries, dropped, targets, state,
+                   facts, vocab_size, tokenizer is not None)
   with open(os.path.join(out, REPORT_FILE), "w") as f:
     json.dump(report, f, indent=2)
   print(format_report(report, out))
@@ -404,9 +406,10 @@ def convert(checkpoint: str, config: ml_collections.ConfigDict, out: str, *,
 
 
 def _report(checkpoint: str, weights: str, source_layout: str,
-            entries: dict[str, layout.Entry], targets: dict[str, tuple[int, ...]],
-            state: dict[str, np.ndarray], facts: CheckpointFacts, vocab_size: int,
-            has_tokenizer: bool) -> dict[str, Any]:
+            entries: dict[str, layout.Entry], dropped: list[str],
+            targets: dict[str, tuple[int, ...]], state: dict[str, np.ndarray],
+            facts: CheckpointFacts, vocab_size: int, has_tokenizer: bool
+            ) -> dict[str, Any]:
   loaded = {p: list(e.sources) for p, e in sorted(entries.items()) if e.sources}
   zero_filled = sorted(p for p, e in entries.items() if not e.sources)
   new = sorted(p for p in targets if p not in entries)
@@ -430,7 +433,8 @@ def _report(checkpoint: str, weights: str, source_layout: str,
       "loaded": loaded,
       "zero_filled": zero_filled,
       "newly_initialised": new,
-      "unused_checkpoint_tensors": sorted(set(state) - used),
+      "dropped_no_effect": dropped,
+      "unused_checkpoint_tensors": sorted(set(state) - used - set(dropped)),
       "param_counts": {
           "loaded": sum(math.prod(targets[p]) for p in loaded),
           "zero_filled": sum(math.prod(targets[p]) for p in zero_filled),
@@ -453,6 +457,9 @@ def format_report(report: dict[str, Any], out: str) -> str:
            f"  newly initialised:  {len(report['newly_initialised'])} arrays, "
            f"{counts['newly_initialised']:,} params"]
   lines += [f"    {group} ({n} arrays)" for group, n in sorted(groups.items())]
+  if report["dropped_no_effect"]:
+    lines.append(f"  dropped, no effect: {len(report['dropped_no_effect'])} attention key "
+                 "biases (a per-query constant logit, which the softmax ignores)")
   if report["unused_checkpoint_tensors"]:
     lines.append("  unused checkpoint tensors: "
                  + ", ".join(report["unused_checkpoint_tensors"]))

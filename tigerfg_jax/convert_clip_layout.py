@@ -22,6 +22,9 @@ Layout facts the mapping relies on (PyTorch side -> ours):
 - CLIP's text position table has `max_position_embeddings` rows; ours keeps the first
   `max_title_len`.
 - The projections have no bias; ours (when it has one) gets zeros.
+- Our attention has no key bias, and CLIP's (`k_proj.bias`) is dropped: it adds
+  `q . b_k` to every logit of a query `q`, the same for every key, so the softmax over
+  the keys (masked or not) ignores it. Dropping it changes no output.
 """
 
 from __future__ import annotations
@@ -203,8 +206,9 @@ def _block(ours: str, theirs: str) -> dict[str, Entry]:
     path = f"{ours}/attn/{head_ours}"
     entries[f"{path}/kernel"] = _head_kernel(f"{path}/kernel",
                                              f"{theirs}.self_attn.{head_theirs}.weight")
-    entries[f"{path}/bias"] = _head_bias(f"{path}/bias",
-                                         f"{theirs}.self_attn.{head_theirs}.bias")
+    if head_ours != "key":  # The key bias is dropped (`key_biases`).
+      entries[f"{path}/bias"] = _head_bias(f"{path}/bias",
+                                           f"{theirs}.self_attn.{head_theirs}.bias")
   entries[f"{ours}/attn/out/kernel"] = _out_kernel(f"{ours}/attn/out/kernel",
                                                    f"{theirs}.self_attn.out_proj.weight")
   entries[f"{ours}/attn/out/bias"] = _copy(f"{ours}/attn/out/bias",
@@ -276,6 +280,17 @@ def text_entries(ours: str, depth: int) -> dict[str, Entry]:
   for i in range(depth):
     entries.update(_block(f"{ours}/encoder/block_{i}", f"text_model.encoder.layers.{i}"))
   return entries
+
+
+def key_biases(state: Mapping[str, np.ndarray], tower: str) -> list[str]:
+  """The attention key biases of `tower` ('vision_model' | 'text_model') in `state`.
+
+  They have no counterpart in our attention and are dropped exactly: a key bias adds
+  the same logit to every key of a query, which the softmax ignores.
+  """
+  names = (f"{tower}.encoder.layers.{i}.self_attn.k_proj.bias"
+           for i in range(num_layers(state, tower)))
+  return [name for name in names if name in state]
 
 
 def projection_entries(ours: str, source: str, has_bias: bool) -> dict[str, Entry]:

@@ -63,9 +63,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def teacher_stage_config(config: ml_collections.ConfigDict,
                          data_root: str) -> ml_collections.ConfigDict:
-  """The `teacher` stage at the same preset and data as a `distill` config."""
+  """The `teacher` stage with the model, data and mesh of a `distill` config."""
   teacher = config_lib.experiment_config("teacher", config.preset)
   teacher.seed = config.seed
+  teacher.model = config.model.copy_and_resolve_references()
   teacher.data = config.data.copy_and_resolve_references()
   teacher.data.root = data_root
   teacher.mesh = config.mesh.copy_and_resolve_references()

@@ -70,9 +70,10 @@ def dense(features: int, names: LogicalNames, *, dtype: jnp.dtype,
       bias_init=init(nn.initializers.zeros, names[1:]), name=name)
 
 
-def layer_norm(*, dtype: jnp.dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(*, dtype: jnp.dtype, epsilon: float = 1e-6,
+               name: str | None = None) -> nn.LayerNorm:
   """`nn.LayerNorm` with 'norm'-annotated scale and bias (float32 params)."""
   return nn.LayerNorm(
-      dtype=dtype, param_dtype=jnp.float32,
+      epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
       scale_init=init(nn.initializers.ones, ("norm",)),
       bias_init=init(nn.initializers.zeros, ("norm",)), name=name)

@@ -1,9 +1,13 @@
 """Title encoder: token + learned position embeddings, a pre-LN transformer with a
-padding mask (bidirectional: every real token sees every other real token).
+padding mask; bidirectional by default (every real token sees every other real
+token), or causal as in CLIP.
 
-The pooled vector is the mean over the real tokens (BOS and EOS included). The mean
-needs no knowledge of the EOS id and treats every title length alike; padded
-positions never reach a real token (their keys are masked) nor the mean.
+The pooled vector is by default the mean over the real tokens (BOS and EOS included):
+it needs no knowledge of the EOS id and treats every title length alike. CLIP pools
+the end token instead ('eos'): titles are `BOS title EOS` then padding, so the last
+real token is the EOS. Padded positions never reach a real token (their keys are
+masked) nor the pooled vector. An optional bias-free projection (CLIP's
+`text_projection`) follows the pooling.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from tigerfg_jax.models import partitioning, transformer
+
+# `config.model.text_pool`: the mean over the real tokens | the last real token.
+POOLS = ("mean", "eos")
 
 _VARIANTS = {
     "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
@@ -44,11 +51,21 @@ class TextEncoder(nn.Module):
     variant: size name for `decode_text_variant`.
     vocab_size: token ids are in `[0, vocab_size)`; must be > 0.
     max_len: longest title (tokens incl. BOS/EOS) the position table covers.
+    causal: each token attends only to itself and the real tokens before it.
+    pool: 'mean' over the real tokens | 'eos' (the last real token).
+    proj_dim: > 0: a bias-free Dense to this width after the pooling; 0: none.
+    activation: the MLPs' activation (`transformer.ACTIVATIONS`).
+    norm_eps: epsilon of every LayerNorm here.
     dtype: compute dtype.
   """
   variant: str
   vocab_size: int
   max_len: int
+  causal: bool = False
+  pool: str = "mean"
+  proj_dim: int = 0
+  activation: str = "gelu"
+  norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -58,11 +75,11 @@ class TextEncoder(nn.Module):
 
     Args:
       tokens: int32 `[B, L]`, L <= max_len.
-      mask: bool `[B, L]`, True on real tokens.
+      mask: bool `[B, L]`, True on real tokens, which come first (right padding).
 
     Returns:
-      `(tokens [B, L, Dt], pooled [B, Dt])` in dtype; pooled is the mean over real
-      tokens (zeros for an empty title).
+      `(tokens [B, L, Dt], pooled [B, P])` in dtype, P = proj_dim or Dt; pooled
+      (before the projection) is zeros for an empty title.
     """
     if self.vocab_size <= 0:
       raise ValueError(
@@ -83,9 +100,21 @@ class TextEncoder(nn.Module):
         partitioning.init(nn.initializers.normal(0.01), (None, "embed")),
         (self.max_len, size["width"]), jnp.float32)
     x = embed(tokens) + position[:length].astype(self.dtype)
+    attend = mask
+    if self.causal:  # [B, L, L]: query i reads the real keys j <= i.
+      attend = mask[:, None, :] & jnp.tril(jnp.ones((length, length), bool))
     x = transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
-                            dtype=self.dtype, name="encoder")(x, mask)
-    weights = mask.astype(jnp.float32)
-    count = jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
-    pooled = jnp.einsum("bl,bld->bd", weights / count, x.astype(jnp.float32))
-    return x, pooled.astype(self.dtype)
+                            activation=self.activation, norm_eps=self.norm_eps,
+                            dtype=self.dtype, name="encoder")(x, attend)
+    count = mask.sum(axis=1)
+    if self.pool == "eos":
+      last = jnp.take_along_axis(x, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
+      pooled = jnp.where(count[:, None] > 0, last[:, 0], 0)
+    else:
+      weights = mask.astype(jnp.float32) / jnp.maximum(count, 1)[:, None]
+      pooled = jnp.einsum("bl,bld->bd", weights, x.astype(jnp.float32))
+    pooled = pooled.astype(self.dtype)
+    if self.proj_dim:
+      pooled = partitioning.dense(self.proj_dim, ("embed", "proj"), dtype=self.dtype,
+                                  use_bias=False, name="projection")(pooled)
+    return x, pooled

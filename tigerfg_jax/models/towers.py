@@ -85,11 +85,13 @@ class ItemTower(nn.Module):
 
   'tiger': TextGuidedPooling over the patches; `f_i = f_a + MLP(LN(f_m))`.
   'clip_style': a MAPHead pools the whole image (the title plays no part in the
-  pooling); `f_i = concat(global, title mean)`. Both then Dense(E) -> L2.
+  pooling); `f_i = concat(global, pooled title)`. Both then Dense(E) -> L2.
 
   Attributes:
     vision: the ViT (a `VisionEncoder`, possibly shared with the query tower).
-    text_variant, vocab_size, max_title_len: the title's `TextEncoder`.
+    text_variant, vocab_size, max_title_len, text_causal, text_pool, text_proj_dim,
+      mlp_activation, norm_eps: the title's `TextEncoder` (its variant, vocab_size,
+      max_len, causal, pool, proj_dim, activation, norm_eps).
     mode: 'tiger' | 'clip_style'.
     num_registers: R.
     pooling_slots, pooling_heads, pooling_mlp_dim: pooling sizes.
@@ -101,6 +103,11 @@ class ItemTower(nn.Module):
   text_variant: str
   vocab_size: int
   max_title_len: int
+  text_causal: bool
+  text_pool: str
+  text_proj_dim: int
+  mlp_activation: str
+  norm_eps: float
   mode: str
   num_registers: int
   pooling_slots: int
@@ -131,8 +138,10 @@ class ItemTower(nn.Module):
     tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
                                           self.dtype))
     patches = tokens[:, 1 + self.num_registers:]
-    title, title_mean = text.TextEncoder(
-        self.text_variant, self.vocab_size, self.max_title_len, dtype=self.dtype,
+    title, title_pooled = text.TextEncoder(
+        self.text_variant, self.vocab_size, self.max_title_len,
+        causal=self.text_causal, pool=self.text_pool, proj_dim=self.text_proj_dim,
+        activation=self.mlp_activation, norm_eps=self.norm_eps, dtype=self.dtype,
         name="text_encoder")(title_tokens, title_mask)
     if self.mode == "tiger":
       pooled = pooling.TextGuidedPooling(
@@ -148,7 +157,7 @@ class ItemTower(nn.Module):
       image, attention = pooling.MAPHead(
           self.pooling_heads, self.pooling_mlp_dim, dtype=self.dtype,
           name="pooling")(patches, region_mask)
-      feature = jnp.concatenate([image, title_mean], axis=-1)
+      feature = jnp.concatenate([image, title_pooled], axis=-1)
     embedding = partitioning.dense(self.embed_dim, ("embed", "proj"), dtype=self.dtype,
                                    name="projection")(feature)
     return l2_normalize(embedding), dict(attention=attention, patches=patches)
@@ -167,11 +176,12 @@ class TigerFG(nn.Module):
     c = self.config
     _check_model_config(c)
     dtype = DTYPES[c.dtype]
-    self.vision = vision.VisionEncoder(c.vision_variant, c.patch_size,
-                                       c.num_registers, dtype=dtype)
+    vit = dict(variant=c.vision_variant, patch_size=c.patch_size,
+               num_registers=c.num_registers, pre_norm=c.vision_pre_norm,
+               activation=c.mlp_activation, norm_eps=c.norm_eps, dtype=dtype)
+    self.vision = vision.VisionEncoder(**vit)
     if not c.share_vision:
-      self.item_vision = vision.VisionEncoder(c.vision_variant, c.patch_size,
-                                              c.num_registers, dtype=dtype)
+      self.item_vision = vision.VisionEncoder(**vit)
     pixels = dict(pixel_mean=tuple(c.pixel_mean), pixel_std=tuple(c.pixel_std))
     self.query_tower = QueryTower(
         vision=self.vision, num_registers=c.num_registers, query_pool=c.query_pool,
@@ -180,7 +190,10 @@ class TigerFG(nn.Module):
     self.item_tower = ItemTower(
         vision=self.vision if c.share_vision else self.item_vision,
         text_variant=c.text_variant, vocab_size=c.vocab_size,
-        max_title_len=c.max_title_len, mode=c.mode, num_registers=c.num_registers,
+        max_title_len=c.max_title_len, text_causal=c.text_causal,
+        text_pool=c.text_pool, text_proj_dim=c.text_proj_dim,
+        mlp_activation=c.mlp_activation, norm_eps=c.norm_eps, mode=c.mode,
+        num_registers=c.num_registers,
         pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
         pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype,
         **pixels)
@@ -242,6 +255,12 @@ def _check_model_config(c: ml_collections.ConfigDict) -> None:
   if c.query_pool not in QUERY_POOLS:
     raise ValueError(
         f"config.model.query_pool={c.query_pool!r}; expected one of {QUERY_POOLS}")
+  if c.mlp_activation not in transformer.ACTIVATIONS:
+    raise ValueError(f"config.model.mlp_activation={c.mlp_activation!r}; expected one "
+                     f"of {tuple(transformer.ACTIVATIONS)}")
+  if c.text_pool not in text.POOLS:
+    raise ValueError(
+        f"config.model.text_pool={c.text_pool!r}; expected one of {text.POOLS}")
   if c.dtype not in DTYPES:
     raise ValueError(f"config.model.dtype={c.dtype!r}; expected one of {tuple(DTYPES)}")
   if c.vocab_size <= 0:

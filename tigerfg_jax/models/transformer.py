@@ -6,7 +6,8 @@ logits and softmax are always float32.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,19 @@ import jax.numpy as jnp
 from tigerfg_jax.models import partitioning
 
 Dtype = Any
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """`x * sigmoid(1.702 x)`: OpenAI CLIP's GELU approximation, which its weights need."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# `config.model.mlp_activation` -> function. Exact GELU by default, as in the PyTorch
+# ViTs whose weights `convert` imports.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": quick_gelu,
+}
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -53,7 +67,8 @@ class MultiHeadAttention(nn.Module):
     Args:
       queries: `[B, Q, D]`.
       inputs: `[B, K, Din]` keys and values.
-      mask: bool `[B, K]`, True on keys that may be attended (None: all).
+      mask: bool `[B, K]` (the same keys for every query) or `[B, Q, K]` (per query,
+        e.g. causal), True on keys that may be attended (None: all).
 
     Returns:
       `([B, Q, D] in dtype, float32 weights [B, H, Q, K])`.
@@ -81,8 +96,9 @@ class MultiHeadAttention(nn.Module):
     # float32 accumulation: bfloat16 logits would round the softmax's inputs.
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
                         preferred_element_type=jnp.float32)
-    weights = masked_softmax(
-        logits, None if mask is None else mask[:, None, None, :])
+    if mask is not None:  # -> [B, 1, Q or 1, K], broadcast over heads.
+      mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+    weights = masked_softmax(logits, mask)
     mixed = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), value)
     out = nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
@@ -94,9 +110,13 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> Dense(out_dim, default: the input width)."""
+  """Dense(mlp_dim) -> activation -> Dense(out_dim, default: the input width).
+
+  `activation` names an entry of `ACTIVATIONS`.
+  """
   mlp_dim: int
   out_dim: int | None = None
+  activation: str = "gelu"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -105,40 +125,51 @@ class MlpBlock(nn.Module):
     out_dim = self.out_dim or x.shape[-1]
     x = partitioning.dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype,
                            name="fc1")(x)
-    # Exact GELU, as in the PyTorch ViTs whose weights `convert` imports.
-    x = nn.gelu(x, approximate=False)
+    x = ACTIVATIONS[self.activation](x)
     return partitioning.dense(out_dim, ("mlp", "embed"), dtype=self.dtype,
                               name="fc2")(x)
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `activation` is the MLP's (`ACTIVATIONS`), `norm_eps` the LayerNorms' epsilon.
+  """
   num_heads: int
   mlp_dim: int
+  activation: str = "gelu"
+  norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """`[B, T, D]` (mask: bool `[B, T]` of keys to attend) -> `[B, T, D]`."""
-    y = partitioning.layer_norm(dtype=self.dtype, name="norm1")(x)
+    """`[B, T, D]` -> `[B, T, D]`; mask: bool `[B, T]` or `[B, T, T]` (keys to attend)."""
+    norm = functools.partial(partitioning.layer_norm, dtype=self.dtype,
+                             epsilon=self.norm_eps)
+    y = norm(name="norm1")(x)
     y, _ = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(
         y, y, mask)
     x = x + y
-    y = partitioning.layer_norm(dtype=self.dtype, name="norm2")(x)
-    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
+    y = norm(name="norm2")(x)
+    return x + MlpBlock(self.mlp_dim, activation=self.activation, dtype=self.dtype,
+                        name="mlp")(y)
 
 
 class Encoder(nn.Module):
-  """`depth` pre-LN blocks and a final LayerNorm."""
+  """`depth` pre-LN blocks and a final LayerNorm (options as in `EncoderBlock`)."""
   depth: int
   num_heads: int
   mlp_dim: int
+  activation: str = "gelu"
+  norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """`[B, T, D]` (mask: bool `[B, T]` of keys to attend) -> `[B, T, D]`."""
+    """`[B, T, D]` -> `[B, T, D]`; mask: bool `[B, T]` or `[B, T, T]` (keys to attend)."""
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype,
+      x = EncoderBlock(self.num_heads, self.mlp_dim, activation=self.activation,
+                       norm_eps=self.norm_eps, dtype=self.dtype,
                        name=f"block_{i}")(x, mask)
-    return partitioning.layer_norm(dtype=self.dtype, name="norm")(x)
+    return partitioning.layer_norm(dtype=self.dtype, epsilon=self.norm_eps,
+                                   name="norm")(x)

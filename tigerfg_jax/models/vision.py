@@ -51,11 +51,17 @@ class VisionEncoder(nn.Module):
     variant: size name for `decode_variant`.
     patch_size: patch side in pixels; the image side must be a multiple of it.
     num_registers: R register tokens.
+    pre_norm: a LayerNorm over all tokens before the blocks (CLIP's `ln_pre`).
+    activation: the MLPs' activation (`transformer.ACTIVATIONS`).
+    norm_eps: epsilon of every LayerNorm here.
     dtype: compute dtype.
   """
   variant: str
   patch_size: int
   num_registers: int = 0
+  pre_norm: bool = False
+  activation: str = "gelu"
+  norm_eps: float = 1e-6
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -93,5 +99,9 @@ class VisionEncoder(nn.Module):
     prefix = jnp.concatenate(prefix).astype(self.dtype)
     x = jnp.concatenate(
         [jnp.broadcast_to(prefix, (batch, *prefix.shape)), x], axis=1)
+    if self.pre_norm:
+      x = partitioning.layer_norm(dtype=self.dtype, epsilon=self.norm_eps,
+                                  name="pre_norm")(x)
     return transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
+                               activation=self.activation, norm_eps=self.norm_eps,
                                dtype=self.dtype, name="encoder")(x)
