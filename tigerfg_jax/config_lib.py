@@ -99,7 +99,9 @@ def _data_config(preset: str) -> ml_collections.ConfigDict:
       synthetic_image_size=max(item_size, 64),
       item_image_size=item_size,
       query_image_size=query_size,
-      mosaic_prob=0.5,              # fraction of training items drawn as mosaics.
+      # Fraction of training items drawn as mosaics. Low at 64 px: a 2x2 tile halves a
+      # product to a few patches, and at 0.5 eval_normal R@1 fell by 13 points.
+      mosaic_prob=0.1 if preset == "tiny" else 0.5,
       mosaic_grid=2,                # mosaic of grid x grid tiles.
       skip_bad=False,               # skip invalid records (counted) instead of failing.
       worker_count=0,               # grain worker processes (0 = in-process).
