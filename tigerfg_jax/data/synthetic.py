@@ -427,40 +427,54 @@ def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
                 title_pattern_prob=title_pattern_prob)
 
 
-def catalog_root(data_config, workdir: str) -> str:
-  """The dataset root of a run: `data_config.root`, or the synthetic catalog.
+CATALOG_MARKER = "synthetic.json"
 
-  The synthetic catalog (`data_config.synthetic_items/_seed/_image_size`) is written to
-  `workdir/data` unless it is already there. It is written to a temporary folder and
-  renamed into place, so processes racing to write it (multi-host) or a run killed
-  half-way never leave a partial catalog behind.
+
+def write_catalog_once(root: str, **params) -> str:
+  """Writes the catalog `params` (write_catalog's arguments) to `root` unless it is there.
+
+  Written to a temporary folder and renamed into place, so processes racing to write it
+  (multi-host) or a run killed half-way never leave a partial catalog behind. A root
+  written with other parameters, or not by this function, is an error, never reused.
   """
-  if data_config.root:
-    return data_config.root
-  root = os.path.join(workdir, "data")
-  params = {"seed": data_config.synthetic_seed, "items": data_config.synthetic_items,
-            "image_size": data_config.synthetic_image_size}
-  marker = os.path.join(root, "synthetic.json")
+  marker = os.path.join(root, CATALOG_MARKER)
   if os.path.exists(marker):
     with open(marker, encoding="utf-8") as f:
       written = json.load(f)
     if written != params:
-      raise ValueError(f"{root} holds a synthetic catalog written with {written}, but the "
-                       f"config asks for {params}; use another workdir or delete {root}")
+      raise ValueError(f"{root} holds a synthetic catalog written with {written}, but "
+                       f"{params} is asked for; use another folder or delete {root}")
     return root
-  os.makedirs(workdir, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".data-", dir=workdir)
+  if os.path.exists(root):
+    raise ValueError(f"{root} exists but has no {CATALOG_MARKER}: it is not a synthetic "
+                     "catalog written here (delete it or use another folder)")
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".catalog-", dir=parent)
   try:
     write_catalog(tmp, **params)
-    with open(os.path.join(tmp, "synthetic.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp, CATALOG_MARKER), "w", encoding="utf-8") as f:
       json.dump(params, f)
     os.rename(tmp, root)
   except OSError:
-    if not os.path.exists(marker):
+    if not os.path.exists(marker):  # else another process won the race.
       raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return root
+
+
+def catalog_root(data_config, workdir: str) -> str:
+  """The dataset root of a run: `data_config.root`, or the synthetic catalog.
+
+  The synthetic catalog (`data_config.synthetic_items/_seed/_image_size`) is written to
+  `workdir/data` once (`write_catalog_once`).
+  """
+  if data_config.root:
+    return data_config.root
+  return write_catalog_once(os.path.join(workdir, "data"), seed=data_config.synthetic_seed,
+                            items=data_config.synthetic_items,
+                            image_size=data_config.synthetic_image_size)
 
 
 def main(argv):

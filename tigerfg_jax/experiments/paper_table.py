@@ -33,9 +33,7 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -52,7 +50,6 @@ TABLE_SPLITS = ("eval_normal", "eval_cluttered")
 TABLE_METRICS = ("R@1", "R@5", "R@10")
 BASELINE = "clip_style"
 CATALOG_DIRS = {"default": "data", "one_to_many": "data_one_to_many"}
-_CATALOG_MARKER = "catalog.json"
 _RUN_RECORD = "paper_table_run.json"
 
 _NO_DISTILLATION = {"loss.w_sim": 0.0, "loss.w_spatial": 0.0}
@@ -142,36 +139,6 @@ def row_config(row: Row, *, preset: str, seed: int, data_root: str,
 
 
 # ---------------------------------------------------------------------- catalog ---
-
-def ensure_catalog(root: str, params: dict[str, Any]) -> str:
-  """Writes the synthetic catalog `params` (write_catalog's arguments) to root once.
-
-  Written to a temporary folder and renamed, so an interrupted write leaves nothing;
-  a root written with other parameters is an error rather than silently reused.
-  """
-  marker = os.path.join(root, _CATALOG_MARKER)
-  if os.path.exists(marker):
-    with open(marker, encoding="utf-8") as f:
-      written = json.load(f)
-    if written != params:
-      raise ValueError(f"{root} holds a synthetic catalog written with {written}, but this "
-                       f"table asks for {params}; use another --workdir or delete {root}")
-    return root
-  if os.path.exists(root):
-    raise ValueError(f"{root} exists but has no {_CATALOG_MARKER}; it was not written by "
-                     "this driver (delete it or use another --workdir)")
-  parent = os.path.dirname(os.path.abspath(root))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".catalog-", dir=parent)
-  try:
-    synthetic.write_catalog(tmp, **params)
-    with open(os.path.join(tmp, _CATALOG_MARKER), "w", encoding="utf-8") as f:
-      json.dump(params, f)
-    os.rename(tmp, root)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return root
-
 
 def catalog_params(preset: str, items: int | None, image_size: int | None,
                    one_to_many: bool) -> dict[str, Any]:
@@ -362,7 +329,8 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
   todo = rows_to_run(rows)
   catalogs = {name: catalog_params(preset, items, image_size, name == "one_to_many")
               for name in sorted({row.catalog for row in todo})}
-  roots = {name: ensure_catalog(os.path.join(workdir, CATALOG_DIRS[name]), params)
+  roots = {name: synthetic.write_catalog_once(os.path.join(workdir, CATALOG_DIRS[name]),
+                                              **params)
            for name, params in catalogs.items()}
 
   entries = {row.key: {"key": row.key, "label": row.label, "config": f"configs/{row.config_file}",
