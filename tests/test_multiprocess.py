@@ -33,4 +33,5 @@ def test_two_processes_hold_identical_params(tmp_path):
   assert set(a) == set(b) == set(ref)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    np.testing.assert_allclose(a[key], ref[key], rtol=1e-4, atol=train_helpers.ADAM_ATOL, err_msg=key)
+    np.testing.assert_allclose(a[key], ref[key], rtol=1e-4, atol=train_helpers.ADAM_ATOL,
+                               err_msg=key)
