@@ -46,7 +46,8 @@ def test_gradient_matches_finite_differences():
 
 
 def test_teacher_is_frozen_and_terms_are_separate():
-  config, trainer, state, batch = _setup()
+  # The teacher's attention is the spatial target, so its map enters the loss too.
+  config, trainer, state, batch = _setup(**{"loss.spatial_target": "teacher"})
   teacher_params = jax.tree.map(lambda p: p + 0.01, state.params)
   loss_fn = train_step.make_loss_fn(trainer.model, trainer.model, "distill", config.loss)
   rng = jax.random.PRNGKey(0)
