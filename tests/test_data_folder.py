@@ -173,6 +173,10 @@ def test_ingest_rows_keep_folder_order_and_cache_is_reused(shop):
     assert record["item_id"].decode() == item_id and int(record["row"]) == row
     with open(os.path.join(split_dir, "img", f"i{row}.png"), "rb") as f:
       assert record["image"] == f.read()
+  # A row past the end is an IndexError (not a read error), so the sources iterate.
+  assert [int(r["row"]) for r in split.items] == [0, 1, 2, 3]
+  with pytest.raises(IndexError):
+    split.queries[3]
   query = split.queries[0]
   np.testing.assert_array_equal(query["box"], [2, 3, 20, 25.5])
   assert bool(query["has_box"]) and not bool(split.queries[1]["has_box"])

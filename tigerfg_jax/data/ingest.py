@@ -108,8 +108,9 @@ class RecordSource:
     return len(self._record_of_row)
 
   def __getitem__(self, row: int) -> dict[str, Any]:
+    record = self._record_of_row[row]  # IndexError past the end, so iteration stops.
     try:
-      return self._source[self._record_of_row[row]]
+      return self._source[record]
     except Exception as e:
       raise folder.DatasetError(
           f"cannot read row {row} from the ArrayRecord shards {self._shards}: {e}; "
