@@ -149,11 +149,22 @@ def test_cli_writes_the_catalog(tmp_path):
   assert _tree_digest(str(out)) == _tree_digest(str(direct))
 
 
+def test_eval_items_sets_the_eval_split_size(tmp_path):
+  synthetic.write_catalog(str(tmp_path), seed=2, items=9, image_size=16, eval_items=4)
+  counts = {split: len(_lines(str(tmp_path / split / "items.jsonl")))
+            for split in synthetic.SPLITS}
+  assert counts == {"train": 9, "eval_normal": 4, "eval_cluttered": 4}
+  with pytest.raises(ValueError, match="eval_items >= 1"):
+    synthetic.write_catalog(str(tmp_path / "bad"), seed=2, items=9, image_size=16,
+                            eval_items=0)
+
+
 def test_catalog_root_writes_once_and_checks_params(tmp_path):
   config = ml_collections.ConfigDict(dict(root=None, synthetic_items=6, synthetic_seed=0,
-                                          synthetic_image_size=32))
+                                          synthetic_image_size=32, synthetic_eval_items=3))
   root = synthetic.catalog_root(config, str(tmp_path))
   assert root == str(tmp_path / "data")
+  assert len(_lines(os.path.join(root, "eval_normal", "items.jsonl"))) == 3
   marker_time = os.path.getmtime(os.path.join(root, "train", "items.jsonl"))
   assert synthetic.catalog_root(config, str(tmp_path)) == root
   assert os.path.getmtime(os.path.join(root, "train", "items.jsonl")) == marker_time

@@ -127,10 +127,10 @@ def test_submodule_shapes_and_dtypes():
 
   f32, bf16 = jnp.float32, jnp.bfloat16
   images = jax.ShapeDtypeStruct((BATCH, 16, 24, 3), f32)
-  tokens = outputs(vision.VisionEncoder("mu", 8, num_registers=3, dtype=bf16), images)
+  tokens = outputs(vision.VisionEncoder("mu", 8, 4, num_registers=3, dtype=bf16), images)
   assert tokens.shape == (BATCH, 1 + 3 + 2 * 3, 32) and tokens.dtype == bf16
   with pytest.raises(ValueError, match="patch_size=5"):
-    outputs(vision.VisionEncoder("mu", 5), images)
+    outputs(vision.VisionEncoder("mu", 5, 4), images)
 
   title = jax.ShapeDtypeStruct((BATCH, 6), jnp.int32)
   mask = jax.ShapeDtypeStruct((BATCH, 6), jnp.bool_)
@@ -250,15 +250,15 @@ def test_mlp_activation_matches_closed_form(activation):
                                                      (True, "quick_gelu", 0.3)])
 def test_vision_encoder_options_match_numpy_reference(pre_norm, activation, eps):
   patch, registers = 8, 2
-  images = np.random.default_rng(2).normal(size=(BATCH, 16, 24, 3)).astype(np.float32)
-  encoder = vision.VisionEncoder("mu", patch, registers, pre_norm=pre_norm,
+  images = np.random.default_rng(2).normal(size=(BATCH, 24, 24, 3)).astype(np.float32)
+  encoder = vision.VisionEncoder("mu", patch, 3, registers, pre_norm=pre_norm,
                                  activation=activation, norm_eps=eps)
   variables = _random_variables(encoder, images, seed=1)
   tokens = encoder.apply(variables, images)
   p = _float64_params(variables)
   assert ("pre_norm" in p) == pre_norm
 
-  grid_h, grid_w = 16 // patch, 24 // patch
+  grid_h, grid_w = 24 // patch, 24 // patch
   patches = images.astype(np.float64).reshape(BATCH, grid_h, patch, grid_w, patch, 3)
   patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(BATCH, grid_h * grid_w, -1)
   kernel = p["patch_embed"]["kernel"].reshape(-1, 32)  # [p * p * 3, D], (y, x, c).
@@ -270,6 +270,21 @@ def test_vision_encoder_options_match_numpy_reference(pre_norm, activation, eps)
   everything = np.ones((BATCH, x.shape[1], x.shape[1]), bool)
   want = _np_encoder(x, p["encoder"], everything, activation, eps)
   np.testing.assert_allclose(tokens, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("grid,new_grid", [(4, (7, 7)), (6, (3, 3)), (5, (2, 4)), (3, (3, 3))])
+def test_resample_posemb_matches_torch_bilinear(grid, new_grid):
+  """Bilinear with half-pixel centres, antialiased when shrinking (torch's interpolate)."""
+  torch = pytest.importorskip("torch")
+  table = np.random.default_rng(grid).normal(size=(grid * grid, 5)).astype(np.float32)
+  got = np.asarray(vision.resample_posemb(jnp.asarray(table), grid, new_grid))
+  image = torch.from_numpy(table.reshape(1, grid, grid, 5)).permute(0, 3, 1, 2)
+  want = torch.nn.functional.interpolate(image.double(), size=new_grid, mode="bilinear",
+                                         align_corners=False, antialias=True)
+  want = want.permute(0, 2, 3, 1).reshape(-1, 5).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  if (grid, grid) == new_grid:
+    np.testing.assert_array_equal(got, table)
 
 
 @pytest.mark.parametrize("causal,pool,proj_dim,activation,eps", [
@@ -405,19 +420,28 @@ def test_region_mask_is_the_only_teacher_difference(mode):
   np.testing.assert_allclose(empty_aux["attention"], 1 / grid**2, rtol=1e-6)
 
 
-def test_query_pool_map_and_unshared_vision():
-  config = _model_config(query_pool="map", share_vision=False)
+@pytest.mark.parametrize("share_vision", [True, False])
+def test_query_and_item_images_of_different_sizes(share_vision):
+  """Position embeddings live on the posemb_grid; both towers accept other grids."""
+  config = _model_config(query_pool="map", share_vision=share_vision, posemb_grid=3)
   model = towers.TigerFG(config)
   batch = _batch(6)
-  # Two ViTs: two image sizes are fine.
   batch["query_image"] = batch["query_image"][:, :16, :16]
-  variables = jax.eval_shape(model.init, {"params": jax.random.key(0)}, batch)
+  variables = model.init({"params": jax.random.key(0)}, batch)
   params = nn.meta.unbox(variables)["params"]
-  assert "map_head" in params["query_tower"] and "item_vision" in params
-  assert params["vision"]["pos_embedding"].shape == (4, 32)
-  assert params["item_vision"]["pos_embedding"].shape == (16, 32)
-  out = jax.eval_shape(model.apply, nn.meta.unbox(variables), batch)
+  assert "map_head" in params["query_tower"]
+  assert ("item_vision" in params) == (not share_vision)
+  for tower in ("vision", "item_vision") if not share_vision else ("vision",):
+    assert params[tower]["pos_embedding"].shape == (9, 32)
+  out = model.apply(nn.meta.unbox(variables), batch)
   assert out["query_emb"].shape == (BATCH, 256)
+  assert out["attention"].shape == (BATCH, config.pooling_heads, 16)
+  # The query's 2 x 2 grid reads the resampled 3 x 3 table: moving the table moves it.
+  shifted = jax.tree.map(lambda x: x, nn.meta.unbox(variables))
+  shifted["params"]["vision"]["pos_embedding"] += jax.random.normal(jax.random.key(1),
+                                                                    (9, 32))
+  moved = model.apply(shifted, batch)["query_emb"]
+  assert np.max(np.abs(np.asarray(moved) - np.asarray(out["query_emb"]))) > 1e-3
 
 
 def test_config_errors_are_clear():
@@ -427,14 +451,11 @@ def test_config_errors_are_clear():
                            (dict(dtype="float16"), "model.dtype='float16'"),
                            (dict(query_pool="mean"), "query_pool='mean'"),
                            (dict(mlp_activation="relu"), "mlp_activation='relu'"),
-                           (dict(text_pool="cls"), "text_pool='cls'")]:
+                           (dict(text_pool="cls"), "text_pool='cls'"),
+                           (dict(posemb_grid=0), "posemb_grid=0")]:
     with pytest.raises(ValueError, match=match):
       jax.eval_shape(towers.TigerFG(_model_config(**overrides)).init,
                      {"params": jax.random.key(0)}, batch)
-  batch["query_image"] = batch["query_image"][:, :16, :16]
-  with pytest.raises(ValueError, match="share_vision=True"):
-    jax.eval_shape(towers.TigerFG(_model_config()).init,
-                   {"params": jax.random.key(0)}, batch)
 
 
 def test_temperature_is_clipped():

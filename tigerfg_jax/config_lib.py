@@ -10,6 +10,9 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   stage                     'teacher' | 'distill' | 'clip_style'.
   model.vision_variant      ViT size name for `models.vision.decode_variant`.
   model.patch_size          patch side in pixels.
+  model.posemb_grid         G: the ViT's position embedding is learned on a G x G grid
+                            and resampled to other grids (query and item images may
+                            differ in size); usually data.item_image_size / patch_size.
   model.num_registers       R register tokens.
   model.text_variant        text transformer size name.
   model.vocab_size          set from the tokenizer at run time (0 = not yet known).
@@ -50,15 +53,25 @@ _CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 _CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
+# (item image side, query image side, synthetic train items, items per eval split).
+_DATA_SIZES = {
+    "micro": (32, 32, 48, 0),
+    "tiny": (64, 64, 400, 0),
+    "b16": (224, 224, 4000, 0),
+}
+
+
 def _model_config(preset: str) -> ml_collections.ConfigDict:
   vision, text, patch, slots, heads, mlp = {
       "micro": ("mu", "mu", 8, 2, 2, 64),
       "tiny": ("pico", "pico", 8, 4, 4, 192),
       "b16": ("B/16", "S", 16, 8, 8, 1024),
   }[preset]
+  item_size = _DATA_SIZES[preset][0]
   return ml_collections.ConfigDict(dict(
       vision_variant=vision,
       patch_size=patch,
+      posemb_grid=item_size // patch,
       num_registers=0 if preset == "micro" else 4,
       text_variant=text,
       vocab_size=0,
@@ -85,16 +98,13 @@ def _model_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def _data_config(preset: str) -> ml_collections.ConfigDict:
-  item_size, query_size, items = {
-      "micro": (32, 32, 48),
-      "tiny": (64, 64, 400),
-      "b16": (224, 224, 4000),
-  }[preset]
+  item_size, query_size, items, eval_items = _DATA_SIZES[preset]
   return ml_collections.ConfigDict(dict(
       # Dataset folder (DESIGN.md section 4). None: write the synthetic catalog to
       # WORKDIR/data and use it.
       root=ml_collections.FieldReference(None, field_type=str),
       synthetic_items=items,        # products in the synthetic train split.
+      synthetic_eval_items=eval_items,  # items of each eval split (0: a quarter of train).
       synthetic_seed=0,
       synthetic_image_size=max(item_size, 64),
       item_image_size=item_size,
@@ -225,7 +235,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("loss.w_infonce", "loss.w_sim", "loss.w_spatial"):
     if _get(config, key) < 0:
       problems.append(f"config.{key}={_get(config, key)}: weights must be >= 0")
-  for key in ("train.steps", "train.batch_size", "train.log_every",
+  for key in ("model.posemb_grid", "train.steps", "train.batch_size", "train.log_every",
               "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size"):
     if _get(config, key) < 1:
       problems.append(f"config.{key}={_get(config, key)}: expected a positive integer")

@@ -408,18 +408,22 @@ def eval_split_items(items: int) -> int:
 
 def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
                   one_to_many: bool = False,
-                  title_pattern_prob: float = TITLE_PATTERN_PROB) -> None:
+                  title_pattern_prob: float = TITLE_PATTERN_PROB,
+                  eval_items: int | None = None) -> None:
   """Writes the splits train (half cluttered), eval_normal, eval_cluttered to out_dir.
 
   `title_pattern_prob`: how often a patterned product's title names its pattern (1: titles
   describe products completely, and the title alone identifies the product).
+  `eval_items`: items of each eval split (None: `eval_split_items(items)`).
 
   Deterministic: the same arguments give byte-identical files.
   """
-  if items < 1 or image_size < 16:
-    raise ValueError(f"need items >= 1 and image_size >= 16, got {items}, {image_size}")
-  sizes = {"train": (items, 0.5), "eval_normal": (eval_split_items(items), 0.0),
-           "eval_cluttered": (eval_split_items(items), 1.0)}
+  eval_items = eval_split_items(items) if eval_items is None else eval_items
+  if items < 1 or eval_items < 1 or image_size < 16:
+    raise ValueError(f"need items >= 1, eval_items >= 1 and image_size >= 16, got "
+                     f"{items}, {eval_items}, {image_size}")
+  sizes = {"train": (items, 0.5), "eval_normal": (eval_items, 0.0),
+           "eval_cluttered": (eval_items, 1.0)}
   for index, split in enumerate(SPLITS):
     count, cluttered = sizes[split]
     write_split(os.path.join(out_dir, split), seed=seed, split_index=index, items=count,
@@ -467,20 +471,26 @@ def write_catalog_once(root: str, **params) -> str:
 def catalog_root(data_config, workdir: str) -> str:
   """The dataset root of a run: `data_config.root`, or the synthetic catalog.
 
-  The synthetic catalog (`data_config.synthetic_items/_seed/_image_size`) is written to
-  `workdir/data` once (`write_catalog_once`).
+  The synthetic catalog (`data_config.synthetic_items/_eval_items/_seed/_image_size`) is
+  written to `workdir/data` once (`write_catalog_once`).
   """
   if data_config.root:
     return data_config.root
-  return write_catalog_once(os.path.join(workdir, "data"), seed=data_config.synthetic_seed,
-                            items=data_config.synthetic_items,
-                            image_size=data_config.synthetic_image_size)
+  return write_catalog_once(os.path.join(workdir, "data"), **catalog_params(data_config))
+
+
+def catalog_params(data_config) -> dict:
+  """`write_catalog` arguments from `config.data`'s synthetic_* keys."""
+  return dict(seed=data_config.synthetic_seed, items=data_config.synthetic_items,
+              image_size=data_config.synthetic_image_size,
+              eval_items=data_config.synthetic_eval_items or None)
 
 
 def main(argv):
   del argv
   write_catalog(FLAGS.out, seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
-                one_to_many=FLAGS.one_to_many, title_pattern_prob=FLAGS.title_pattern_prob)
+                one_to_many=FLAGS.one_to_many, title_pattern_prob=FLAGS.title_pattern_prob,
+                eval_items=FLAGS.eval_items or None)
   print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
 
 
@@ -489,7 +499,8 @@ if __name__ == "__main__":
 
   flags.DEFINE_string("out", None, "output dataset root", required=True)
   flags.DEFINE_integer("seed", 0, "catalog seed")
-  flags.DEFINE_integer("items", 400, "items of the train split (eval splits: a quarter)")
+  flags.DEFINE_integer("items", 400, "items of the train split")
+  flags.DEFINE_integer("eval_items", 0, "items of each eval split (0: a quarter of train)")
   flags.DEFINE_integer("image_size", 64, "side of item and query images in pixels")
   flags.DEFINE_bool("one_to_many", False, "several items per product")
   flags.DEFINE_float("title_pattern_prob", TITLE_PATTERN_PROB,

@@ -143,11 +143,12 @@ def row_config(row: Row, *, preset: str, seed: int, data_root: str,
 def catalog_params(preset: str, items: int | None, image_size: int | None,
                    one_to_many: bool) -> dict[str, Any]:
   """write_catalog arguments: the preset's synthetic data settings unless overridden."""
-  data = config_lib.experiment_config("teacher", preset).data
-  return dict(seed=data.synthetic_seed,
-              items=items if items is not None else data.synthetic_items,
-              image_size=image_size if image_size is not None else data.synthetic_image_size,
-              one_to_many=one_to_many)
+  params = synthetic.catalog_params(config_lib.experiment_config("teacher", preset).data)
+  if items is not None:
+    params.update(items=items, eval_items=None)
+  if image_size is not None:
+    params["image_size"] = image_size
+  return dict(params, one_to_many=one_to_many)
 
 
 # ------------------------------------------------------------------------- runs ---

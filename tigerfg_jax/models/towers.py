@@ -8,8 +8,8 @@ Parameter tree of `TigerFG` (what `summary` and `convert` rely on):
                    'clip_style'), `merge_norm` + `merge_mlp` ('tiger'), `projection`.
   log_temperature  scalar.
 
-When the ViT is shared, query and item images must have the same size (one position
-table serves both); give each tower its own ViT to use two sizes.
+Query and item images may differ in size, also with one shared ViT: its position table
+is resampled to each input's grid (`vision.resample_posemb`).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ class TigerFG(nn.Module):
     _check_model_config(c)
     dtype = DTYPES[c.dtype]
     vit = dict(variant=c.vision_variant, patch_size=c.patch_size,
-               num_registers=c.num_registers, pre_norm=c.vision_pre_norm,
+               posemb_grid=c.posemb_grid, num_registers=c.num_registers,
+               pre_norm=c.vision_pre_norm,
                activation=c.mlp_activation, norm_eps=c.norm_eps, dtype=dtype)
     self.vision = vision.VisionEncoder(**vit)
     if not c.share_vision:
@@ -234,13 +235,6 @@ class TigerFG(nn.Module):
       `[B, H, N]`; `item_patches` `[B, N, D]`; `temperature` float32 scalar.
     """
     del train
-    if (self.config.share_vision
-        and batch["query_image"].shape[1:3] != batch["item_image"].shape[1:3]):
-      raise ValueError(
-          "config.model.share_vision=True needs query and item images of one size; "
-          f"got query {batch['query_image'].shape[1:3]} and item "
-          f"{batch['item_image'].shape[1:3]} (set data.query_image_size == "
-          "data.item_image_size or model.share_vision=False)")
     item_emb, aux = self.embed_item(batch["item_image"], batch["title_tokens"],
                                     batch["title_mask"], region_mask)
     return dict(query_emb=self.embed_query(batch["query_image"]), item_emb=item_emb,
@@ -250,6 +244,9 @@ class TigerFG(nn.Module):
 
 def _check_model_config(c: ml_collections.ConfigDict) -> None:
   """Clear errors for `config.model` values the modules cannot use."""
+  if c.posemb_grid < 1:
+    raise ValueError(f"config.model.posemb_grid={c.posemb_grid}: expected a positive "
+                     "grid side (usually data.item_image_size / model.patch_size)")
   if c.mode not in MODES:
     raise ValueError(f"config.model.mode={c.mode!r}; expected one of {MODES}")
   if c.query_pool not in QUERY_POOLS:

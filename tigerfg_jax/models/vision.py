@@ -4,6 +4,10 @@ Token layout of the output: `[CLS, register_1..R, patch_1..N]`, patches row-majo
 the `S/patch x S/patch` grid. The learned position embedding covers the patches only
 (as in big_vision); CLS and registers carry none, being position-free by design (a
 converted CLIP checkpoint folds its CLS position into the CLS token).
+
+The position embedding is learned on a fixed `posemb_grid x posemb_grid` grid and
+resampled bilinearly to the grid of each input, so one ViT serves images of several
+sizes (TIGER-FG's shared ViT sees small query crops and larger item images).
 """
 
 from __future__ import annotations
@@ -44,12 +48,28 @@ def decode_variant(name: str) -> dict[str, int]:
   return dict(_VARIANTS[size])
 
 
+def resample_posemb(posemb: jax.Array, grid: int, new_grid: tuple[int, int]) -> jax.Array:
+  """`[grid * grid, D]` row-major position embedding -> `[h * w, D]` for `new_grid=(h, w)`.
+
+  Bilinear interpolation (antialiased when shrinking) of the embedding as an image; the
+  same grid returns it unchanged.
+  """
+  if (grid, grid) == tuple(new_grid):
+    return posemb
+  width = posemb.shape[-1]
+  image = posemb.reshape(grid, grid, width)
+  resized = jax.image.resize(image, (*new_grid, width), method="bilinear")
+  return resized.reshape(new_grid[0] * new_grid[1], width)
+
+
 class VisionEncoder(nn.Module):
   """ViT over normalised float pixels.
 
   Attributes:
     variant: size name for `decode_variant`.
     patch_size: patch side in pixels; the image side must be a multiple of it.
+    posemb_grid: side of the grid the position embedding is learned on (`[G * G, D]`);
+      inputs of another grid get it resampled (`resample_posemb`).
     num_registers: R register tokens.
     pre_norm: a LayerNorm over all tokens before the blocks (CLIP's `ln_pre`).
     activation: the MLPs' activation (`transformer.ACTIVATIONS`).
@@ -58,6 +78,7 @@ class VisionEncoder(nn.Module):
   """
   variant: str
   patch_size: int
+  posemb_grid: int
   num_registers: int = 0
   pre_norm: bool = False
   activation: str = "gelu"
@@ -85,7 +106,8 @@ class VisionEncoder(nn.Module):
     position = self.param(
         "pos_embedding",
         partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
-        (grid_h * grid_w, width), jnp.float32)
+        (self.posemb_grid ** 2, width), jnp.float32)
+    position = resample_posemb(position, self.posemb_grid, (grid_h, grid_w))
     x = x + position.astype(self.dtype)
     cls = self.param(
         "cls", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
