@@ -1,8 +1,11 @@
 r"""Stage 2: the TIGER-FG student, distilled from a frozen teacher (the full method).
 
 InfoNCE + w_sim * similarity_kl (teacher's in-batch similarity distribution) +
-w_spatial * spatial_map_loss (student's text-guided attention vs the box map). With no
-`teacher.checkpoint`, the teacher stage is trained first in WORKDIR/teacher.
+w_spatial * spatial_map_loss (student's text-guided attention vs the box map). The
+student starts from the teacher's weights (`teacher.init_student`): the teacher's
+features already describe the boxed product, and the student learns to find it from the
+title alone. With no `teacher.checkpoint`, the teacher stage is trained first in
+WORKDIR/teacher.
 
   python -m tigerfg_jax.main --config=configs/distill.py[:tiny|b16] --workdir=DIR
 """

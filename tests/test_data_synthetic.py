@@ -94,8 +94,8 @@ def test_cluttered_target_size_and_distractors(catalog):
   for query in _lines(os.path.join(split_dir, "queries.jsonl")):
     x0, y0, x1, y1 = query["box"]
     assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
-    assert max(x1 - x0, y1 - y0) <= 48 / 3 + 1
-    assert max(x1 - x0, y1 - y0) >= 48 / 4 * 0.6
+    cell = 48 / synthetic.CLUTTER_GRID  # the target fills 0.8-1.0 of one cell.
+    assert cell * 0.45 <= max(x1 - x0, y1 - y0) <= cell + 1
   # Distractors come from the split's own products, half of them the target's kind.
   rng = np.random.default_rng(0)
   pool = synthetic.sample_products(rng, 40)
@@ -149,6 +149,15 @@ def test_cli_writes_the_catalog(tmp_path):
   assert _tree_digest(str(out)) == _tree_digest(str(direct))
 
 
+@pytest.mark.parametrize("grid", [2, 3])
+def test_clutter_grid_sets_the_target_size(tmp_path, grid):
+  synthetic.write_catalog(str(tmp_path), seed=5, items=4, image_size=60, eval_items=12,
+                          clutter_grid=grid)
+  sides = [max(q["box"][2] - q["box"][0], q["box"][3] - q["box"][1])
+           for q in _lines(str(tmp_path / "eval_cluttered" / "queries.jsonl"))]
+  assert max(sides) <= 60 / grid + 1 and np.median(sides) >= 60 / grid * 0.6
+
+
 def test_eval_items_sets_the_eval_split_size(tmp_path):
   synthetic.write_catalog(str(tmp_path), seed=2, items=9, image_size=16, eval_items=4)
   counts = {split: len(_lines(str(tmp_path / split / "items.jsonl")))
@@ -161,7 +170,8 @@ def test_eval_items_sets_the_eval_split_size(tmp_path):
 
 def test_catalog_root_writes_once_and_checks_params(tmp_path):
   config = ml_collections.ConfigDict(dict(root=None, synthetic_items=6, synthetic_seed=0,
-                                          synthetic_image_size=32, synthetic_eval_items=3))
+                                          synthetic_image_size=32, synthetic_eval_items=3,
+                                          synthetic_clutter_grid=2))
   root = synthetic.catalog_root(config, str(tmp_path))
   assert root == str(tmp_path / "data")
   assert len(_lines(os.path.join(root, "eval_normal", "items.jsonl"))) == 3

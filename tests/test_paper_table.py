@@ -79,8 +79,12 @@ def test_each_row_adds_one_piece(tmp_path):
   assert changed("clip_style", "text_guided") == {"stage", "model.mode"}
   assert changed("text_guided", "mosaic") == {"data.mosaic_prob"}
   assert configs["mosaic"].data.mosaic_prob == default_mosaic
-  assert changed("mosaic", "similarity_kl") == {"loss.w_sim", "teacher.checkpoint"}
+  # The teacher row brings the teacher: its weights start the student, its similarities
+  # are the KL's target.
+  assert changed("mosaic", "similarity_kl") == {"loss.w_sim", "teacher.checkpoint",
+                                                "teacher.init_student"}
   assert configs["similarity_kl"].loss.w_sim > 0
+  assert configs["similarity_kl"].teacher.init_student
   assert changed("similarity_kl", "spatial_map") == {"loss.w_spatial"}
   assert configs["spatial_map"].loss.w_spatial > 0
   # The full row is configs/distill.py as it stands, plus seed, steps, data and teacher.

@@ -84,3 +84,26 @@ def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path
     assert 0 <= split["R@1"] <= split["R@5"] <= split["R@10"] <= 100
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_student_starts_from_a_copy_of_the_teacher():
+  config = train_helpers.micro_config()
+  mesh = sharding.make_mesh(config.mesh)
+  trainer = train.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
+  student = trainer.init(jax.random.PRNGKey(0))
+  teacher_params = trainer.init(jax.random.PRNGKey(1)).params
+  started = train.student_from_teacher(student, teacher_params, "teacher_dir")
+  for got, want in zip(_leaves(started.params), _leaves(teacher_params)):
+    np.testing.assert_array_equal(got, want)
+  assert any(np.any(a != b) for a, b in zip(_leaves(teacher_params), _leaves(student.params)))
+  # A copy: stepping the student (which donates its buffers) leaves the teacher usable.
+  batch = train_helpers.random_batch(config, 4, seed=0)
+  stepped, _ = trainer.update(started, teacher_params, batch)
+  assert any(np.any(a != b) for a, b in zip(_leaves(stepped.params), _leaves(teacher_params)))
+
+  other = train_helpers.micro_config(**{"model.embed_dim": 64})
+  other_params = train.make_trainer(other, mesh, train_helpers.VOCAB_SIZE).init(
+      jax.random.PRNGKey(1)).params
+  with pytest.raises(ValueError, match=r"teacher_dir has another parameter layout(.|\n)*"
+                                       r"\['projection'\]\['kernel'\]: student \(32, 256\), teacher \(32, 64\)"):
+    train.student_from_teacher(student, other_params, "teacher_dir")

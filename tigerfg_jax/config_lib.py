@@ -53,11 +53,12 @@ _CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 _CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
-# (item image side, query image side, synthetic train items, items per eval split).
+# (item image side, query image side, synthetic train items, items per eval split,
+# cells per side of a cluttered image).
 _DATA_SIZES = {
-    "micro": (32, 32, 48, 0),
-    "tiny": (64, 64, 400, 0),
-    "b16": (224, 224, 4000, 0),
+    "micro": (32, 32, 48, 0, 2),
+    "tiny": (64, 64, 3200, 200, 2),
+    "b16": (224, 224, 4000, 0, 3),
 }
 
 
@@ -98,13 +99,16 @@ def _model_config(preset: str) -> ml_collections.ConfigDict:
 
 
 def _data_config(preset: str) -> ml_collections.ConfigDict:
-  item_size, query_size, items, eval_items = _DATA_SIZES[preset]
+  item_size, query_size, items, eval_items, clutter_grid = _DATA_SIZES[preset]
   return ml_collections.ConfigDict(dict(
       # Dataset folder (DESIGN.md section 4). None: write the synthetic catalog to
       # WORKDIR/data and use it.
       root=ml_collections.FieldReference(None, field_type=str),
       synthetic_items=items,        # products in the synthetic train split.
       synthetic_eval_items=eval_items,  # items of each eval split (0: a quarter of train).
+      # Cluttered images: a grid x grid layout, one product per cell. 2 at 64 px keeps a
+      # target at 3-4 patches a side, as 0.3 of a 224 px image is at 16 px patches.
+      synthetic_clutter_grid=clutter_grid,
       synthetic_seed=0,
       synthetic_image_size=max(item_size, 64),
       item_image_size=item_size,
@@ -168,6 +172,9 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   # in the `distill` stage: train it first in WORKDIR/teacher.
   config.teacher = ml_collections.ConfigDict(dict(
       checkpoint=ml_collections.FieldReference(None, field_type=str),
+      # Start the student from the teacher's weights (stage 2 continues stage 1; the
+      # teacher needs the student's config.model).
+      init_student=False,
   ))
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1,                      # -1: all devices not used by 'model'.
@@ -182,6 +189,7 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   if stage == "distill":
     config.loss.w_sim = 1.0
     config.loss.w_spatial = 0.5
+    config.teacher.init_student = True
   if stage == "clip_style":
     config.model.mode = "clip_style"
     config.data.mosaic_prob = 0.0

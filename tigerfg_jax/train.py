@@ -145,7 +145,35 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
 def needs_teacher(config: ml_collections.ConfigDict) -> bool:
   loss = config.loss
   return config.stage == "distill" and (
-      loss.w_sim > 0 or (loss.w_spatial > 0 and loss.spatial_target == "teacher"))
+      config.teacher.init_student or loss.w_sim > 0
+      or (loss.w_spatial > 0 and loss.spatial_target == "teacher"))
+
+
+def student_from_teacher(state: train_step.TrainState, teacher_params: Any,
+                         teacher_dir: str) -> train_step.TrainState:
+  """A fresh student `state` holding a copy of the teacher's weights.
+
+  Stage 2 starts where stage 1 ended (`config.teacher.init_student`); the optimizer
+  state stays fresh. The two models must have one parameter layout (the teacher stage
+  copies the student's `config.model`). Copied, not aliased: the update step donates
+  the student's buffers while the frozen teacher keeps using its own.
+  """
+  def shapes(tree):
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  student, teacher = shapes(state.params), shapes(teacher_params)
+  problems = [f"{name}: student {shape}, teacher {teacher.get(name, 'missing')}"
+              for name, shape in student.items() if teacher.get(name) != shape]
+  problems += [f"{name}: only in the teacher" for name in teacher if name not in student]
+  if problems:
+    raise ValueError(
+        f"config.teacher.init_student: the teacher {teacher_dir} has another parameter "
+        "layout than the student (train it with this config.model, or set "
+        "teacher.init_student=False):\n  " + "\n  ".join(problems[:10]))
+  shardings = jax.tree.map(lambda a: a.sharding, state.params)
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(
+      teacher_params)
+  return state.replace(params=params)
 
 
 def load_run(workdir: str, mesh: jax.sharding.Mesh,
@@ -290,6 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_iter.set_state(data_state)
   else:
     state = trainer.init(jax.random.PRNGKey(config.seed))
+    if config.teacher.init_student:
+      state = student_from_teacher(state, teacher_params, teacher_dir)
 
   # --- train loop ---
   total = config.train.steps

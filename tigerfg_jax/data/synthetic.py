@@ -7,7 +7,9 @@ stripes"): the title says which object is meant, the image what it looks like. E
 `eval_cluttered`) is its own catalog:
 
 * `normal` item images show the product alone on a plain background;
-* `cluttered` item images show it among 2-5 distractor products on a busy background.
+* `cluttered` item images show it among distractor products on a busy background, each
+  product in one cell of a `clutter_grid x clutter_grid` layout (2-5 distractors, at
+  most one per free cell).
   Distractors are other products of the same split where possible, some of the same
   kind in another colour, so a query for product B has hard negatives: images that
   contain B but whose title names A;
@@ -56,6 +58,8 @@ PATTERNS = ("plain", "stripes", "dots", "checks")
 LISTING_WORDS = ("", "new", "classic")
 # How often a patterned product's title names the pattern (see Product.listing_title).
 TITLE_PATTERN_PROB = 0.25
+# Cells per side of a cluttered image's layout (see write_catalog).
+CLUTTER_GRID = 2
 
 Point = tuple[float, float]
 
@@ -281,26 +285,26 @@ def render_normal(product: Product, size: int, rng: np.random.Generator):
 
 
 def render_cluttered(product: Product, distractors: list[Product], size: int,
-                     rng: np.random.Generator):
+                     rng: np.random.Generator, grid: int = CLUTTER_GRID):
   """(RGB image, box): the product among `distractors` on a busy background.
 
-  The image is cut into 3 x 3 cells; the target takes one cell (0.27-0.33 of the image
-  side), each distractor another and may spill a little into its neighbours. The
-  target is pasted last so no distractor hides it.
+  The image is cut into `grid x grid` cells; the target takes one cell (0.8-1.0 of the
+  cell side), each distractor another (the first `grid**2 - 1` of them) and may spill
+  a little into its neighbours. The target is pasted last so no distractor hides it.
   """
   image = _busy_background(size, rng)
-  cell = size / 3
-  cells = rng.permutation(9)
+  cell = size / grid
+  cells = rng.permutation(grid * grid)
   for product_d, c in zip(distractors, cells[1:]):
     side = max(4, int(cell * rng.uniform(0.7, 1.0)))
     sprite = render_product(product_d, side, rng)
-    x = int((c % 3) * cell + rng.uniform(-0.15, 0.15) * cell + (cell - side) / 2)
-    y = int((c // 3) * cell + rng.uniform(-0.15, 0.15) * cell + (cell - side) / 2)
+    x = int((c % grid) * cell + rng.uniform(-0.15, 0.15) * cell + (cell - side) / 2)
+    y = int((c // grid) * cell + rng.uniform(-0.15, 0.15) * cell + (cell - side) / 2)
     image.paste(sprite, (x, y), sprite)
   side = max(4, int(cell * rng.uniform(0.8, 1.0)))
   sprite = render_product(product, side, rng)
-  x = int((cells[0] % 3) * cell + rng.uniform(0, cell - side + 1e-6))
-  y = int((cells[0] // 3) * cell + rng.uniform(0, cell - side + 1e-6))
+  x = int((cells[0] % grid) * cell + rng.uniform(0, cell - side + 1e-6))
+  y = int((cells[0] // grid) * cell + rng.uniform(0, cell - side + 1e-6))
   image.paste(sprite, (x, y), sprite)
   return image, _alpha_box(sprite, x, y)
 
@@ -360,7 +364,7 @@ def _item_products(rng: np.random.Generator, items: int,
 
 def write_split(split_dir: str, *, seed: int, split_index: int, items: int, image_size: int,
                 cluttered_fraction: float, one_to_many: bool,
-                title_pattern_prob: float) -> None:
+                title_pattern_prob: float, clutter_grid: int = CLUTTER_GRID) -> None:
   """Writes one split: items.jsonl, queries.jsonl, items/*.png, queries/*.jpg."""
   rng = np.random.default_rng([seed, split_index])
   products, product_of_item = _item_products(rng, items, one_to_many)
@@ -377,7 +381,8 @@ def write_split(split_dir: str, *, seed: int, split_index: int, items: int, imag
     item_rng = np.random.default_rng([seed, split_index, i])
     if item_rng.random() < cluttered_fraction:
       image, box = render_cluttered(
-          product, _distractors(product, products, item_rng), image_size, item_rng)
+          product, _distractors(product, products, item_rng), image_size, item_rng,
+          clutter_grid)
     else:
       image, box = render_normal(product, image_size, item_rng)
     image_path = f"items/{i:05d}.png"
@@ -409,26 +414,31 @@ def eval_split_items(items: int) -> int:
 def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
                   one_to_many: bool = False,
                   title_pattern_prob: float = TITLE_PATTERN_PROB,
-                  eval_items: int | None = None) -> None:
+                  eval_items: int | None = None, clutter_grid: int = CLUTTER_GRID) -> None:
   """Writes the splits train (half cluttered), eval_normal, eval_cluttered to out_dir.
 
   `title_pattern_prob`: how often a patterned product's title names its pattern (1: titles
   describe products completely, and the title alone identifies the product).
   `eval_items`: items of each eval split (None: `eval_split_items(items)`).
+  `clutter_grid`: cluttered images are a `clutter_grid x clutter_grid` layout of cells,
+  one product per cell: 2 puts the target at 0.4-0.5 of the image side (about 3-4
+  patches of 8 px at 64 px, as a target of 0.3 of a 224 px image has at 16 px patches),
+  3 at 0.27-0.33.
 
   Deterministic: the same arguments give byte-identical files.
   """
   eval_items = eval_split_items(items) if eval_items is None else eval_items
-  if items < 1 or eval_items < 1 or image_size < 16:
-    raise ValueError(f"need items >= 1, eval_items >= 1 and image_size >= 16, got "
-                     f"{items}, {eval_items}, {image_size}")
+  if items < 1 or eval_items < 1 or image_size < 16 or clutter_grid < 2:
+    raise ValueError(f"need items >= 1, eval_items >= 1, image_size >= 16 and "
+                     f"clutter_grid >= 2, got {items}, {eval_items}, {image_size}, "
+                     f"{clutter_grid}")
   sizes = {"train": (items, 0.5), "eval_normal": (eval_items, 0.0),
            "eval_cluttered": (eval_items, 1.0)}
   for index, split in enumerate(SPLITS):
     count, cluttered = sizes[split]
     write_split(os.path.join(out_dir, split), seed=seed, split_index=index, items=count,
                 image_size=image_size, cluttered_fraction=cluttered, one_to_many=one_to_many,
-                title_pattern_prob=title_pattern_prob)
+                title_pattern_prob=title_pattern_prob, clutter_grid=clutter_grid)
 
 
 CATALOG_MARKER = "synthetic.json"
@@ -471,8 +481,7 @@ def write_catalog_once(root: str, **params) -> str:
 def catalog_root(data_config, workdir: str) -> str:
   """The dataset root of a run: `data_config.root`, or the synthetic catalog.
 
-  The synthetic catalog (`data_config.synthetic_items/_eval_items/_seed/_image_size`) is
-  written to `workdir/data` once (`write_catalog_once`).
+  The synthetic catalog (`data_config.synthetic_*`) is written to `workdir/data` once (`write_catalog_once`).
   """
   if data_config.root:
     return data_config.root
@@ -483,14 +492,15 @@ def catalog_params(data_config) -> dict:
   """`write_catalog` arguments from `config.data`'s synthetic_* keys."""
   return dict(seed=data_config.synthetic_seed, items=data_config.synthetic_items,
               image_size=data_config.synthetic_image_size,
-              eval_items=data_config.synthetic_eval_items or None)
+              eval_items=data_config.synthetic_eval_items or None,
+              clutter_grid=data_config.synthetic_clutter_grid)
 
 
 def main(argv):
   del argv
   write_catalog(FLAGS.out, seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
                 one_to_many=FLAGS.one_to_many, title_pattern_prob=FLAGS.title_pattern_prob,
-                eval_items=FLAGS.eval_items or None)
+                eval_items=FLAGS.eval_items or None, clutter_grid=FLAGS.clutter_grid)
   print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
 
 
@@ -501,6 +511,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "catalog seed")
   flags.DEFINE_integer("items", 400, "items of the train split")
   flags.DEFINE_integer("eval_items", 0, "items of each eval split (0: a quarter of train)")
+  flags.DEFINE_integer("clutter_grid", CLUTTER_GRID,
+                       "cluttered images: a grid x grid layout, one product per cell")
   flags.DEFINE_integer("image_size", 64, "side of item and query images in pixels")
   flags.DEFINE_bool("one_to_many", False, "several items per product")
   flags.DEFINE_float("title_pattern_prob", TITLE_PATTERN_PROB,
