@@ -105,5 +105,6 @@ def test_student_starts_from_a_copy_of_the_teacher():
   other_params = train.make_trainer(other, mesh, train_helpers.VOCAB_SIZE).init(
       jax.random.PRNGKey(1)).params
   with pytest.raises(ValueError, match=r"teacher_dir has another parameter layout(.|\n)*"
-                                       r"\['projection'\]\['kernel'\]: student \(32, 256\), teacher \(32, 64\)"):
+                                       r"\['projection'\]\['kernel'\]: "
+                                       r"student \(32, 256\), teacher \(32, 64\)"):
     train.student_from_teacher(student, other_params, "teacher_dir")

@@ -3,8 +3,8 @@ r"""Procedural e-commerce catalog written in the dataset folder format.
 Products are a kind (round handbag, square box, shirt, ...), a colour and a pattern
 (plain, or stripes / dots / checks in an accent colour); titles name them in words,
 the pattern only sometimes ("red round handbag", "red round handbag with white
-stripes"): the title says which object is meant, the image what it looks like. Each split (`train`, `eval_normal`,
-`eval_cluttered`) is its own catalog:
+stripes"): the title says which object is meant, the image what it looks like. Each
+split (`train`, `eval_normal`, `eval_cluttered`) is its own catalog:
 
 * `normal` item images show the product alone on a plain background;
 * `cluttered` item images show it among distractor products on a busy background, each
@@ -481,7 +481,8 @@ def write_catalog_once(root: str, **params) -> str:
 def catalog_root(data_config, workdir: str) -> str:
   """The dataset root of a run: `data_config.root`, or the synthetic catalog.
 
-  The synthetic catalog (`data_config.synthetic_*`) is written to `workdir/data` once (`write_catalog_once`).
+  The synthetic catalog (`data_config.synthetic_*`) is written to `workdir/data` once
+  (`write_catalog_once`).
   """
   if data_config.root:
     return data_config.root
