@@ -108,3 +108,16 @@ def test_student_starts_from_a_copy_of_the_teacher():
                                        r"\['projection'\]\['kernel'\]: "
                                        r"student \(32, 256\), teacher \(32, 64\)"):
     train.student_from_teacher(student, other_params, "teacher_dir")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, catalog):
+  # A step of 1e38 overflows the params: the next loss is not finite.
+  config = train_helpers.micro_config(**{
+      "train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 1,
+      "train.warmup_steps": 1, "train.learning_rate": 1e38, "loss.w_sim": 0.0,
+      "teacher.init_student": False, "data.root": catalog})
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 1"):
+    train.train_and_evaluate(config, workdir)
+  assert [row["step"] for row in _read_metrics(workdir)] == [1]
+  assert checkpointing.make_manager(os.path.join(workdir, "checkpoints")).latest_step() == 1
