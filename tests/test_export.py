@@ -46,6 +46,7 @@ def run(tmp_path_factory):
   synthetic.write_catalog(root, seed=0, items=24, image_size=32)
   config = config_lib.experiment_config("distill", "micro")
   config.loss.w_sim = 0.0
+  config.teacher.init_student = False  # no teacher: this is about the export.
   config.train.steps = 3
   config.data.root = root
   workdir = str(base / "run")

@@ -23,6 +23,7 @@ def trained_run(tmp_path_factory):
   synthetic.write_catalog(root, seed=0, items=24, image_size=32)
   config = config_lib.experiment_config("distill", "micro")
   config.loss.w_sim = 0.0
+  config.teacher.init_student = False
   config.train.steps = 2
   config.data.root = root
   workdir = str(tmp_path_factory.mktemp("run"))

@@ -1,0 +1,80 @@
+"""The box oracle: region masks from the queries' boxes, and both rows on a real run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tigerfg_jax import box_oracle
+from tigerfg_jax import config_lib
+from tigerfg_jax import train
+from tigerfg_jax.data import pipeline
+from tigerfg_jax.data import synthetic
+from tigerfg_jax.models import towers
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """(workdir, catalog root) of a 2-step micro run without a teacher."""
+  root = str(tmp_path_factory.mktemp("catalog"))
+  synthetic.write_catalog(root, seed=1, items=24, image_size=32)
+  config = config_lib.experiment_config("distill", "micro")
+  config.loss.w_sim = 0.0
+  config.teacher.init_student = False
+  config.train.steps = 2
+  config.data.root = root
+  workdir = str(tmp_path_factory.mktemp("run"))
+  train.train_and_evaluate(config, workdir)
+  return workdir, root
+
+
+def test_item_region_masks_cover_each_box(trained_run):
+  _, root = trained_run
+  split = pipeline.load_split(root, "eval_cluttered", cache_dir=f"{root}/.cache")
+  grid, side = 4, 32 // 4
+  masks = box_oracle.item_region_masks(split, grid).reshape(-1, grid, grid)
+  for q, (x0, y0, x1, y1) in enumerate(split.query_boxes):
+    row = split.query_positives[q][0]
+    # Patch (i, j) spans pixels [j*side, (j+1)*side) x [i*side, (i+1)*side).
+    want = np.zeros((grid, grid), bool)
+    for i in range(grid):
+      for j in range(grid):
+        want[i, j] = (x0 < (j + 1) * side and x1 > j * side
+                      and y0 < (i + 1) * side and y1 > i * side)
+    np.testing.assert_array_equal(masks[row], want, err_msg=f"item row {row}")
+    assert 0 < want.sum() < grid * grid
+
+
+def test_both_rows_match_a_direct_forward_pass(trained_run):
+  workdir, root = trained_run
+  results = box_oracle.box_oracle(workdir, ["eval_cluttered"])["eval_cluttered"]
+  # The deployed row is the run's own evaluation (ScaNN there, exact search here).
+  with open(f"{workdir}/eval/results.json") as f:
+    assert results["deployed"]["R@1"] == json.load(f)["eval_cluttered"]["R@1"]
+
+  # The box row from model.apply with masks built here, R@1 counted with NumPy.
+  model, params, tokenizer = box_oracle.visualize.load_model(workdir)
+  split = pipeline.load_split(root, "eval_cluttered", cache_dir=f"{root}/.cache")
+  items = np.stack([pipeline.eval_image(split.items[r]["image"], 32)
+                    for r in range(split.num_items)])
+  queries = np.stack([pipeline.eval_image(split.queries[r]["image"], 32)
+                      for r in range(split.num_queries)])
+  tokens, mask = tokenizer.encode(split.titles, train.load_config(workdir).model.max_title_len)
+  region = box_oracle.item_region_masks(split, 4)
+  item_emb, aux = model.apply({"params": params}, items, tokens, mask, region,
+                              method=towers.TigerFG.embed_item)
+  attention = np.asarray(aux["attention"])
+  assert np.all(attention[~np.broadcast_to(region[:, None], attention.shape)] == 0)
+  query_emb = model.apply({"params": params}, queries, method=towers.TigerFG.embed_query)
+  best = np.argmax(np.asarray(query_emb) @ np.asarray(item_emb).T, axis=1)
+  want = 100 * np.mean([best[q] in split.query_positives[q] for q in range(len(best))])
+  assert results["box"]["R@1"] == pytest.approx(want)
+
+
+def test_refuses_a_clip_style_run(tmp_path):
+  config = config_lib.experiment_config("clip_style", "micro")
+  tmp_path.joinpath("config.json").write_text(config.to_json())
+  with pytest.raises(ValueError, match="model.mode='clip_style'"):
+    box_oracle.box_oracle(str(tmp_path), ["eval_cluttered"])
