@@ -7,26 +7,19 @@ import json
 import numpy as np
 import pytest
 
+from tests import train_helpers
 from tigerfg_jax import box_oracle
 from tigerfg_jax import config_lib
 from tigerfg_jax import train
 from tigerfg_jax.data import pipeline
-from tigerfg_jax.data import synthetic
 from tigerfg_jax.models import towers
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """(workdir, catalog root) of a 2-step micro run without a teacher."""
-  root = str(tmp_path_factory.mktemp("catalog"))
-  synthetic.write_catalog(root, seed=1, items=24, image_size=32)
-  config = config_lib.experiment_config("distill", "micro")
-  config.loss.w_sim = 0.0
-  config.teacher.init_student = False
-  config.train.steps = 2
-  config.data.root = root
-  workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(config, workdir)
+  root, workdir = (str(tmp_path_factory.mktemp(name)) for name in ("catalog", "run"))
+  train_helpers.train_micro_run(root, workdir, catalog_seed=1)
   return workdir, root
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tigerfg_jax import config_lib
+from tests import train_helpers
+
 from tigerfg_jax import train
 from tigerfg_jax import visualize
-from tigerfg_jax.data import synthetic
 from tigerfg_jax.models import towers
 
 ALPHA = 0.55  # overlay's default heat weight
@@ -19,15 +19,8 @@ GRAY = 128
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """A micro distill run (2 steps, no teacher) on a tiny catalog."""
-  root = str(tmp_path_factory.mktemp("catalog"))
-  synthetic.write_catalog(root, seed=0, items=24, image_size=32)
-  config = config_lib.experiment_config("distill", "micro")
-  config.loss.w_sim = 0.0
-  config.teacher.init_student = False
-  config.train.steps = 2
-  config.data.root = root
   workdir = str(tmp_path_factory.mktemp("run"))
-  train.train_and_evaluate(config, workdir)
+  train_helpers.train_micro_run(str(tmp_path_factory.mktemp("catalog")), workdir)
   return workdir
 
 

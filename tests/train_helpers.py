@@ -51,3 +51,17 @@ def random_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
       "spatial_target": target,
       "group": np.arange(batch_size, dtype=np.int32) // 2,
   }
+
+
+def train_micro_run(catalog_dir: str, workdir: str, *, catalog_seed: int = 0,
+                    steps: int = 2) -> None:
+  """A micro distill run without a teacher (no KL, no teacher init) on a fresh catalog."""
+  from tigerfg_jax import train
+  from tigerfg_jax.data import synthetic
+  synthetic.write_catalog(catalog_dir, seed=catalog_seed, items=24, image_size=32)
+  config = config_lib.experiment_config("distill", "micro")
+  config.loss.w_sim = 0.0
+  config.teacher.init_student = False
+  config.train.steps = steps
+  config.data.root = catalog_dir
+  train.train_and_evaluate(config, workdir)
