@@ -48,7 +48,7 @@ def test_both_rows_match_a_direct_forward_pass(trained_run):
     assert results["deployed"]["R@1"] == json.load(f)["eval_cluttered"]["R@1"]
 
   # The box row from model.apply with masks built here, R@1 counted with NumPy.
-  model, params, tokenizer = box_oracle.visualize.load_model(workdir)
+  model, params, tokenizer = train.load_trained(workdir)
   split = pipeline.load_split(root, "eval_cluttered", cache_dir=f"{root}/.cache")
   items = np.stack([pipeline.eval_image(split.items[r]["image"], 32)
                     for r in range(split.num_items)])

@@ -121,3 +121,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cata
     train.train_and_evaluate(config, workdir)
   assert [row["step"] for row in _read_metrics(workdir)] == [1]
   assert checkpointing.make_manager(os.path.join(workdir, "checkpoints")).latest_step() == 1
+
+
+def test_a_config_saved_before_new_keys_loads_as_it_ran(tmp_path):
+  config = train_helpers.micro_config(**{"data.item_image_size": 48,
+                                         "data.query_image_size": 48})
+  train.save_config(config, str(tmp_path))
+  assert train.load_config(str(tmp_path)).to_dict() == config.to_dict()
+  saved = json.loads((tmp_path / "config.json").read_text())
+  for section, key in (("model", "posemb_grid"), ("data", "synthetic_eval_items"),
+                       ("data", "synthetic_clutter_grid"), ("teacher", "init_student")):
+    del saved[section][key]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  old = train.load_config(str(tmp_path))
+  # What such a run did: a 6 x 6 position table (48 px / 8 px patches), a quarter of
+  # train per eval split, 3 x 3 clutter, a student trained from scratch.
+  assert old.model.posemb_grid == 6
+  assert old.data.synthetic_eval_items == 0 and old.data.synthetic_clutter_grid == 3
+  assert old.teacher.init_student is False

@@ -118,7 +118,7 @@ def test_figure_of_a_trained_run(trained_run, tmp_path):
                         + 3 * (layout.pad + 96 + layout.text_lines * layout.line_height)
                         + layout.pad)
 
-  model, params, tokenizer = visualize.load_model(trained_run)
+  model, params, tokenizer = train.load_trained(trained_run)
   config = train.load_config(trained_run)
   # The maps match the full forward pass's attention (mean over heads) on the same items.
   size = config.data.item_image_size

@@ -21,7 +21,6 @@ import numpy as np
 
 from tigerfg_jax import metrics
 from tigerfg_jax import train
-from tigerfg_jax import visualize
 from tigerfg_jax.data import catalog_root
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.data import spatial
@@ -79,7 +78,7 @@ def box_oracle(workdir: str, splits: Sequence[str]) -> dict[str, dict[str, dict]
   if config.model.mode != "tiger":
     raise ValueError(f"{workdir}: model.mode={config.model.mode!r}; the box oracle "
                      "restricts the text-guided pooling of a 'tiger' model")
-  model, params, tokenizer = visualize.load_model(workdir)
+  model, params, tokenizer = train.load_trained(workdir)
   root = catalog_root(config.data, workdir)
   results = {}
   for name in splits:

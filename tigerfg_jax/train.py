@@ -49,13 +49,28 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
 
+# Keys added after runs were saved, and the value that reproduces what such a run did
+# (not today's default): its ViT's position table was its item grid, its catalog had a
+# quarter of train per eval split and 3 x 3 clutter, its student started from scratch.
+_SAVED_BEFORE = {
+    ("model", "posemb_grid"): lambda s: s["data"]["item_image_size"] // s["model"]["patch_size"],
+    ("data", "synthetic_eval_items"): lambda s: 0,
+    ("data", "synthetic_clutter_grid"): lambda s: 3,
+    ("teacher", "init_student"): lambda s: False,
+}
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """A run's saved config; keys added to the project since then take their defaults."""
+  """A run's saved config. Keys added to the project since it was saved take the value
+  that reproduces the saved run (`_SAVED_BEFORE`), others their defaults."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no saved config; is {workdir} a tigerfg_jax workdir?")
   with open(path) as f:
     saved = json.load(f)
+  for (section, key), value in _SAVED_BEFORE.items():
+    if section in saved and key not in saved[section]:
+      saved[section][key] = value(saved)
   config = config_lib.experiment_config(saved["stage"], saved["preset"])
   config.update(saved)
   return config
@@ -185,6 +200,14 @@ def load_run(workdir: str, mesh: jax.sharding.Mesh,
   abstract = with_shardings(nn.meta.unbox(boxed)["params"], param_shardings)
   params = checkpointing.restore_params(os.path.join(workdir, "checkpoints"), abstract)
   return model, params
+
+
+def load_trained(workdir: str) -> tuple[towers.TigerFG, Any, TitleTokenizer]:
+  """(model, params, tokenizer) of a trained run's workdir (its latest checkpoint)."""
+  tokenizer = TitleTokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+  mesh = sharding.make_mesh(load_config(workdir).mesh)
+  model, params = load_run(workdir, mesh, tokenizer.vocab_size)
+  return model, params, tokenizer
 
 
 def resolve_teacher(config: ml_collections.ConfigDict, workdir: str, data_root: str) -> str:

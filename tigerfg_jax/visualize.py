@@ -22,10 +22,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tigerfg_jax import sharding
 from tigerfg_jax import train
 from tigerfg_jax.data import augment, folder
-from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.models import towers
 
 BOX_COLOUR = (0, 255, 0)
@@ -178,15 +176,6 @@ def render_figure(rows: Sequence[FigureRow], layout: Layout = Layout()) -> Image
 
 # ------------------------------------------------------------------ the model ---
 
-def load_model(workdir: str) -> tuple[towers.TigerFG, Any, TitleTokenizer]:
-  """(model, params, tokenizer) of a trained run's workdir (its latest checkpoint)."""
-  config = train.load_config(workdir)
-  tokenizer = TitleTokenizer.load(os.path.join(workdir, train.TOKENIZER_FILE))
-  mesh = sharding.make_mesh(config.mesh)
-  model, params = train.load_run(workdir, mesh, tokenizer.vocab_size)
-  return model, params, tokenizer
-
-
 def attention_grids(model: towers.TigerFG, params: Any, item_image: np.ndarray,
                     title_tokens: np.ndarray, title_mask: np.ndarray,
                     grid: int) -> np.ndarray:
@@ -228,7 +217,7 @@ def figure_rows(workdir: str, split_name: str, n: int,
   queries = pick_queries(split.num_queries, n, seed)
   if not queries:
     raise ValueError(f"split {split_name!r} has no queries")
-  model, params, tokenizer = load_model(workdir)
+  model, params, tokenizer = train.load_trained(workdir)
   size = config.data.item_image_size
   item_rows = [split.query_positives[q][0] for q in queries]
   items = [np.asarray(folder.decode_rgb(split.items[row]["image"]), np.uint8)
