@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests import train_helpers  # noqa: E402
-from tigerfg_jax import sharding, train  # noqa: E402
+from tigerfg_jax import sharding  # noqa: E402
+from tigerfg_jax.training import trainer  # noqa: E402
 
 STEPS = 3
 BATCH = 8
@@ -30,15 +31,15 @@ def main():
   assert jax.process_count() == num_processes
   config = train_helpers.micro_config(**{"train.batch_size": BATCH})
   mesh = sharding.make_mesh(config.mesh)
-  trainer = train.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
-  state = trainer.init(jax.random.PRNGKey(0))
+  built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
+  state = built.init(jax.random.PRNGKey(0))
   local = BATCH // num_processes
   losses = []
   for step in range(STEPS):
     full = train_helpers.random_batch(config, BATCH, step)
     mine = {k: v[process_id * local:(process_id + 1) * local] for k, v in full.items()}
-    state, measurements = trainer.update(
-        state, None, sharding.global_batch(mine, trainer.batch_sharding))
+    state, measurements = built.update(
+        state, None, sharding.global_batch(mine, built.batch_sharding))
     losses.append(float(measurements["loss"]))
   params = {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
             for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}

@@ -16,7 +16,8 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 
 from tests import train_helpers  # noqa: E402
-from tigerfg_jax import sharding, train  # noqa: E402
+from tigerfg_jax import sharding  # noqa: E402
+from tigerfg_jax.training import trainer  # noqa: E402
 
 STEPS = 3
 BATCH = 8
@@ -27,13 +28,13 @@ def main():
   config = train_helpers.micro_config(stage, **{"mesh.param_sharding": param_sharding,
                                                 "train.batch_size": BATCH})
   mesh = sharding.make_mesh(config.mesh)
-  trainer = train.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
-  state = trainer.init(jax.random.PRNGKey(0))
+  built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
+  state = built.init(jax.random.PRNGKey(0))
   losses, shard_counts = [], set()
   for step in range(STEPS):
     batch = sharding.global_batch(train_helpers.random_batch(config, BATCH, step),
-                                  trainer.batch_sharding)
-    state, measurements = trainer.update(state, None, batch)
+                                  built.batch_sharding)
+    state, measurements = built.update(state, None, batch)
     losses.append(float(measurements["loss"]))
   flat = {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}

@@ -7,20 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from tests import train_helpers
-from tigerfg_jax import box_oracle
 from tigerfg_jax import config_lib
-from tigerfg_jax import train
+from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import pipeline
+from tigerfg_jax.evaluation import box_oracle
 from tigerfg_jax.models import towers
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-  """(workdir, catalog root) of a 2-step micro run without a teacher."""
-  root, workdir = (str(tmp_path_factory.mktemp(name)) for name in ("catalog", "run"))
-  train_helpers.train_micro_run(root, workdir, catalog_seed=1)
-  return workdir, root
+@pytest.fixture(name="trained_run")
+def trained_run_fixture(micro_run):
+  """(workdir, catalog root) of the shared 2-step micro run."""
+  return micro_run
 
 
 def test_item_region_masks_cover_each_box(trained_run):
@@ -48,13 +45,14 @@ def test_both_rows_match_a_direct_forward_pass(trained_run):
     assert results["deployed"]["R@1"] == json.load(f)["eval_cluttered"]["R@1"]
 
   # The box row from model.apply with masks built here, R@1 counted with NumPy.
-  model, params, tokenizer = train.load_trained(workdir)
+  _, model, params, tokenizer = workdir_lib.load_trained(workdir)
   split = pipeline.load_split(root, "eval_cluttered", cache_dir=f"{root}/.cache")
   items = np.stack([pipeline.eval_image(split.items[r]["image"], 32)
                     for r in range(split.num_items)])
   queries = np.stack([pipeline.eval_image(split.queries[r]["image"], 32)
                       for r in range(split.num_queries)])
-  tokens, mask = tokenizer.encode(split.titles, train.load_config(workdir).model.max_title_len)
+  max_title_len = workdir_lib.load_config(workdir).model.max_title_len
+  tokens, mask = tokenizer.encode(split.titles, max_title_len)
   region = box_oracle.item_region_masks(split, 4)
   item_emb, aux = model.apply({"params": params}, items, tokens, mask, region,
                               method=towers.TigerFG.embed_item)

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,15 +20,15 @@ import jax
 import numpy as np
 import pytest
 
-from tigerfg_jax import checkpointing
 from tigerfg_jax import config_lib
-from tigerfg_jax import convert
-from tigerfg_jax import convert_clip_layout
 from tigerfg_jax import sharding
-from tigerfg_jax import train
+from tigerfg_jax import workdir as workdir_lib
+from tigerfg_jax.convert import clip as convert_clip
+from tigerfg_jax.convert import clip_layout
 from tigerfg_jax.data import pipeline, synthetic
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.models import text, towers
+from tigerfg_jax.training import trainer
 
 torch = pytest.importorskip(
     "torch", reason="the converter tests need torch (requirements-test.txt)")
@@ -99,14 +100,14 @@ def converted(clip, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("converted") / "workdir")
   config = micro_config(vocab, **CLIP_OPTIONS)
   with contextlib.redirect_stdout(io.StringIO()) as printed:
-    report = convert.convert(folder, config, out)
+    report = convert_clip.convert(folder, config, out)
   mesh = sharding.make_mesh(config.mesh)
-  model, params = train.load_run(out, mesh, len(VOCAB))
+  model, params = workdir_lib.load_run(out, mesh, len(VOCAB))
   return report, printed.getvalue(), out, config, model, params
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  return {name: np.asarray(leaf) for name, leaf in convert.flat_params(params).items()}
+  return {name: np.asarray(leaf) for name, leaf in convert_clip.flat_params(params).items()}
 
 
 def _unit(x):
@@ -160,7 +161,7 @@ def test_text_features_match_transformers(clip, converted):
 
 def test_report_accounts_for_every_parameter(converted):
   report, printed, out, _, _, params = converted
-  with open(os.path.join(out, convert.REPORT_FILE)) as f:
+  with open(os.path.join(out, convert_clip.REPORT_FILE)) as f:
     assert json.load(f) == report
   every = set(_flat(params))
   loaded, zeros, new = set(report["loaded"]), set(report["zero_filled"]), set(
@@ -179,7 +180,7 @@ def test_report_accounts_for_every_parameter(converted):
       f"{tower}.encoder.layers.{i}.self_attn.k_proj.bias"
       for tower in ("vision_model", "text_model") for i in range(2))
   assert report["vocab_size"] == len(VOCAB)
-  assert os.path.exists(os.path.join(out, train.TOKENIZER_FILE))
+  assert os.path.exists(os.path.join(out, workdir_lib.TOKENIZER_FILE))
   pooling = sum(p.startswith("item_tower/pooling/") for p in new)
   assert f"newly initialised:  {len(new)} arrays" in printed
   assert f"item_tower/pooling ({pooling} arrays)" in printed
@@ -187,46 +188,37 @@ def test_report_accounts_for_every_parameter(converted):
   assert "dropped, no effect: 4 attention key biases" in printed
 
 
-def test_workdir_restores_as_a_training_run_at_step_0(converted):
-  _, _, out, config, _, params = converted
-  trainer = train.make_trainer(config, sharding.make_mesh(config.mesh), len(VOCAB))
-  manager = checkpointing.make_manager(os.path.join(out, "checkpoints"))
-  assert manager.latest_step() == 0
-  # What train_and_evaluate does when it finds a checkpoint in its workdir.
-  state, data_state = checkpointing.restore(manager, 0, trainer.abstract_state)
-  assert int(state.step) == 0
-  assert data_state == convert.FRESH_ITERATOR_STATE
+def test_a_run_on_the_converted_workdir_starts_from_the_imported_params(converted,
+                                                                        tmp_path):
+  _, _, converted_dir, config, _, params = converted
+  out = str(tmp_path / "run")
+  shutil.copytree(converted_dir, out)
+  assert workdir_lib.has_init_params(out)
+  assert workdir_lib.checkpoint_manager(out).latest_step() is None
+  run_config = config.copy_and_resolve_references()
+  synthetic.write_catalog(str(tmp_path / "data"), seed=0, items=16, image_size=32)
+  run_config.data.root = str(tmp_path / "data")
+  run_config.train.learning_rate = 0.0  # the step leaves every parameter as it was.
+  assert trainer.train_and_evaluate(run_config, out, stop_after=1) is None
+  built = trainer.make_trainer(run_config, sharding.make_mesh(config.mesh), len(VOCAB))
+  state, _ = workdir_lib.restore_checkpoint(workdir_lib.checkpoint_manager(out), 1,
+                                            built.abstract_state)
   before, after = _flat(params), _flat(state.params)
   assert before.keys() == after.keys()
   for name, value in before.items():
     np.testing.assert_array_equal(after[name], value, err_msg=name)
-  for moment in jax.tree_util.tree_leaves(state.opt_state):
-    assert not np.any(np.asarray(moment))
-
-
-def test_fresh_iterator_state_is_what_the_training_pipeline_starts_from(clip, tmp_path):
-  _, _, vocab = clip
-  config = micro_config(vocab)
-  synthetic.write_split(str(tmp_path / "train"), seed=0, split_index=0, items=8,
-                        image_size=32, cluttered_fraction=0.5, one_to_many=False,
-                        title_pattern_prob=synthetic.TITLE_PATTERN_PROB)
-  split = pipeline.load_split(str(tmp_path), "train", cache_dir=str(tmp_path / ".cache"))
-  iterator = pipeline.train_iterator(
-      split, TitleTokenizer.load(vocab), config.data, batch_size=4,
-      patch_size=config.model.patch_size, max_title_len=config.model.max_title_len, seed=0)
-  assert iterator.get_state() == convert.FRESH_ITERATOR_STATE
 
 
 def test_pickled_checkpoint_is_refused_without_allow_pickle(clip, tmp_path):
   torch_model, folder, vocab = clip
   pickled = str(tmp_path / "pytorch_model.bin")
   torch.save(torch_model.state_dict(), pickled)
-  with pytest.raises(convert.ConversionError, match="--allow_pickle"):
-    convert.convert(pickled, micro_config(vocab), str(tmp_path / "out"))
+  with pytest.raises(convert_clip.ConversionError, match="--allow_pickle"):
+    convert_clip.convert(pickled, micro_config(vocab), str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
 
-  from_pickle = convert.read_state_dict(pickled, allow_pickle=True)
-  from_safetensors = convert.read_state_dict(os.path.join(folder, "model.safetensors"))
+  from_pickle = convert_clip.read_state_dict(pickled, allow_pickle=True)
+  from_safetensors = convert_clip.read_state_dict(os.path.join(folder, "model.safetensors"))
   assert from_pickle.keys() == from_safetensors.keys()
   for name, value in from_safetensors.items():
     np.testing.assert_array_equal(from_pickle[name], value, err_msg=name)
@@ -248,8 +240,8 @@ def test_cli_refuses_a_pickle_with_a_clear_message(clip, tmp_path):
 def test_other_shapes_name_the_parameter_and_both_shapes(clip, tmp_path):
   _, _, vocab = clip
   tiny_clip(vision_width=48).save_pretrained(tmp_path / "wide")
-  with pytest.raises(convert.ConversionError) as error:
-    convert.convert(str(tmp_path / "wide"), micro_config(vocab, **CLIP_OPTIONS),
+  with pytest.raises(convert_clip.ConversionError) as error:
+    convert_clip.convert(str(tmp_path / "wide"), micro_config(vocab, **CLIP_OPTIONS),
                     str(tmp_path / "out"))
   message = str(error.value)
   assert ("vision/encoder/block_0/attn/query/kernel <- "
@@ -261,13 +253,13 @@ def test_other_shapes_name_the_parameter_and_both_shapes(clip, tmp_path):
 def test_model_that_differs_from_clip_gets_the_overrides_to_use(clip):
   torch_model, _, _ = clip
   state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-  facts = convert.CheckpointFacts("quick_gelu", 1e-5, 2, 2)
-  required = convert.required_model_options(state, facts)
+  facts = convert_clip.CheckpointFacts("quick_gelu", 1e-5, 2, 2)
+  required = convert_clip.required_model_options(state, facts)
   assert required == {"norm_eps": 1e-5, "vision_pre_norm": True, "text_causal": True,
                       "text_pool": "eos", "mlp_activation": "quick_gelu"}
   model_config = config_lib.experiment_config("clip_style", "micro").model
-  with pytest.raises(convert.ConversionError) as error:
-    convert.check_model_options(model_config, required)
+  with pytest.raises(convert_clip.ConversionError) as error:
+    convert_clip.check_model_options(model_config, required)
   message = str(error.value)
   for key, value in required.items():
     assert f"--config.model.{key}={value}" in message
@@ -277,8 +269,8 @@ def test_open_clip_layout_maps_onto_the_huggingface_names(clip):
   torch_model, _, _ = clip
   hf = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   open_clip = _open_clip_state(hf)
-  layout, renamed = convert_clip_layout.to_huggingface(open_clip, "open_clip test dict")
-  assert layout == convert_clip_layout.OPEN_CLIP
+  layout, renamed = clip_layout.to_huggingface(open_clip, "open_clip test dict")
+  assert layout == clip_layout.OPEN_CLIP
   assert renamed.keys() == hf.keys()
   for name, value in hf.items():
     np.testing.assert_array_equal(renamed[name], value, err_msg=name)

@@ -20,18 +20,18 @@ import jax
 import numpy as np
 import pytest
 
-from tigerfg_jax import checkpointing
 from tigerfg_jax import config_lib
-from tigerfg_jax import export
-from tigerfg_jax import exported
 from tigerfg_jax import index
-from tigerfg_jax import search
 from tigerfg_jax import sharding
-from tigerfg_jax import train
+from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import folder
 from tigerfg_jax.data import synthetic
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.models import towers
+from tigerfg_jax.serving import export
+from tigerfg_jax.serving import artifact
+from tigerfg_jax.serving import search
+from tigerfg_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = export.DEFAULT_SPLIT
@@ -50,7 +50,7 @@ def run(tmp_path_factory):
   config.train.steps = 3
   config.data.root = root
   workdir = str(base / "run")
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
   out = str(base / "exported")
   export.export_run(workdir, out, split=SPLIT)
   return workdir, root, out
@@ -58,7 +58,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(run):
-  return exported.load(run[2])
+  return artifact.load(run[2])
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,13 @@ def in_process(run):
   """The trained model and its final params, restored from the whole train state
   (the trainer's own restore path, not the params-only one the export uses)."""
   workdir = run[0]
-  config = train.load_config(workdir)
-  vocab = TitleTokenizer.load(os.path.join(workdir, train.TOKENIZER_FILE)).vocab_size
-  trainer = train.make_trainer(config, sharding.make_mesh(config.mesh), vocab)
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
-  state, _ = checkpointing.restore(manager, manager.latest_step(), trainer.abstract_state)
-  return trainer.model, jax.device_get(state.params)
+  config = workdir_lib.load_config(workdir)
+  vocab = TitleTokenizer.load(os.path.join(workdir, workdir_lib.TOKENIZER_FILE)).vocab_size
+  built = trainer.make_trainer(config, sharding.make_mesh(config.mesh), vocab)
+  manager = workdir_lib.checkpoint_manager(workdir)
+  state, _ = workdir_lib.restore_checkpoint(manager, manager.latest_step(),
+                                            built.abstract_state)
+  return built.model, jax.device_get(state.params)
 
 
 def _subprocess(args):
@@ -126,7 +127,7 @@ def test_catalog_is_the_evaluators(run, served):
 def test_search_ranks_like_the_evaluator(run, served):
   workdir, root, _ = run
   records = _split_records(root)
-  config = train.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   saved_items = np.load(os.path.join(workdir, "eval", f"{SPLIT}_item_emb.npy"))
   saved_queries = np.load(os.path.join(workdir, "eval", f"{SPLIT}_query_emb.npy"))
   # The evaluator's search: its index over row numbers, its config.
@@ -150,11 +151,11 @@ def test_search_ranks_like_the_evaluator(run, served):
 
 def test_manifest_lists_every_file_with_its_hash(run):
   out = run[2]
-  with open(os.path.join(out, exported.MANIFEST)) as f:
+  with open(os.path.join(out, artifact.MANIFEST)) as f:
     manifest = json.load(f)
   on_disk = sorted(os.path.relpath(os.path.join(d, n), out)
                    for d, _, names in os.walk(out) for n in names)
-  assert sorted(manifest["files"]) == [p for p in on_disk if p != exported.MANIFEST]
+  assert sorted(manifest["files"]) == [p for p in on_disk if p != artifact.MANIFEST]
   for relative, entry in manifest["files"].items():
     with open(os.path.join(out, relative), "rb") as f:
       data = f.read()
@@ -165,10 +166,10 @@ def test_manifest_lists_every_file_with_its_hash(run):
 
 
 @pytest.mark.parametrize("damage,relative,message", [
-    ("truncate", exported.QUERY_ENCODER, "truncated"),
-    ("flip", os.path.join(exported.INDEX_DIR, "embeddings.npy"), "sha256"),
-    ("flip", exported.CATALOG, "sha256"),
-    ("delete", exported.TOKENIZER, "missing"),
+    ("truncate", artifact.QUERY_ENCODER, "truncated"),
+    ("flip", os.path.join(artifact.INDEX_DIR, "embeddings.npy"), "sha256"),
+    ("flip", artifact.CATALOG, "sha256"),
+    ("delete", artifact.TOKENIZER, "missing"),
 ])
 def test_damaged_export_is_refused(run, tmp_path, damage, relative, message):
   copy = str(tmp_path / "copy")
@@ -185,15 +186,15 @@ def test_damaged_export_is_refused(run, tmp_path, damage, relative, message):
       f.write(bytes([byte[0] ^ 1]))
   else:
     os.remove(path)
-  with pytest.raises(exported.ExportError, match=message) as error:
-    exported.load(copy)
+  with pytest.raises(artifact.ExportError, match=message) as error:
+    artifact.load(copy)
   assert path in str(error.value)
 
 
 def test_bad_inputs_get_clear_errors(run, served, tmp_path):
   workdir, _, out = run
-  with pytest.raises(exported.ExportError, match="no such export directory"):
-    exported.load(str(tmp_path / "missing"))
+  with pytest.raises(artifact.ExportError, match="no such export directory"):
+    artifact.load(str(tmp_path / "missing"))
   corrupt = str(tmp_path / "corrupt.jpg")
   with open(corrupt, "wb") as f:
     f.write(b"not an image")
@@ -216,7 +217,7 @@ def test_bad_inputs_get_clear_errors(run, served, tmp_path):
 
 
 def test_export_cli_reports_a_bad_split(run, tmp_path):
-  result = _subprocess(["-m", "tigerfg_jax.export", f"--workdir={run[0]}",
+  result = _subprocess(["-m", "tigerfg_jax.serving.export", f"--workdir={run[0]}",
                         f"--out={tmp_path / 'new'}", "--split=eval_nothing"])
   assert result.returncode == 1
   assert "export: error: --split='eval_nothing': no folder" in result.stderr
@@ -227,7 +228,7 @@ def test_search_cli_prints_k_hits(run, served):
   _, root, out = run
   records = _split_records(root)
   image = os.path.join(records.directory, records.queries[3].image)
-  result = _subprocess(["-m", "tigerfg_jax.search", f"--export={out}", f"--image={image}",
+  result = _subprocess(["-m", "tigerfg_jax.serving.search", f"--export={out}", f"--image={image}",
                         "--k=5"])
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
@@ -247,12 +248,12 @@ def test_loader_needs_no_model_code(run):
   image = os.path.join(_split_records(root).directory, "queries", "00000.jpg")
   code = (
       "import sys\n"
-      "from tigerfg_jax import exported\n"
-      f"model = exported.load({out!r})\n"
+      "from tigerfg_jax.serving import artifact\n"
+      f"model = artifact.load({out!r})\n"
       f"ids, _ = model.search(model.load_images([{image!r}], 'query'), 3)\n"
       "assert ids.shape == (1, 3), ids.shape\n"
       "loaded = [m for m in sys.modules if m == 'flax' or m.startswith(('flax.', "
-      "'tigerfg_jax.models', 'tigerfg_jax.train', 'tigerfg_jax.evaluate', 'optax'))]\n"
+      "'tigerfg_jax.models', 'tigerfg_jax.training', 'tigerfg_jax.sharding', 'optax'))]\n"
       "print('LOADED', loaded)\n")
   result = _subprocess(["-c", code])
   assert result.returncode == 0, result.stderr
@@ -293,7 +294,7 @@ def test_items_cli_adds_searchable_items(run, served, tmp_path):
   rows = [top_row, (top_row + 1) % 24, (top_row + 2) % 24]
   added = _copied_split(root, str(tmp_path / "new_items"), rows, "added-")
 
-  result = _subprocess(["-m", "tigerfg_jax.search", f"--export={copy}",
+  result = _subprocess(["-m", "tigerfg_jax.serving.search", f"--export={copy}",
                         f"--items={tmp_path / 'new_items'}", f"--image={query}", "--k=2"])
   assert result.returncode == 0, result.stderr
   hits = [HIT_LINE.match(line).groups() for line in result.stdout.strip().splitlines()]
@@ -301,7 +302,7 @@ def test_items_cli_adds_searchable_items(run, served, tmp_path):
   assert {h[1] for h in hits} == {top_ids[0, 0], added[0]}
   np.testing.assert_allclose([float(h[2]) for h in hits], [top_scores[0, 0]] * 2, atol=1e-5)
 
-  updated = exported.load(copy)  # the rewritten manifest verifies
+  updated = artifact.load(copy)  # the rewritten manifest verifies
   assert updated.item_ids == served.item_ids + added
   assert updated.titles[-3:] == [served.titles[r] for r in rows]
   # Added rows are embedded by the exported item encoder like the originals.

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from tigerfg_jax import config_lib
-from tigerfg_jax import train
+from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.experiments import paper_table
+from tigerfg_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_LABELS = [row.label for row in paper_table.ROWS if row.in_table]
@@ -106,7 +107,7 @@ def test_rows_to_run_adds_teachers_first():
 def test_override_of_a_missing_key_is_an_error():
   config = config_lib.experiment_config("distill", "micro")
   with pytest.raises(KeyError, match="loss.w_typo"):
-    paper_table.apply_overrides(config, {"loss.w_typo": 1.0})
+    config_lib.apply_overrides(config, {"loss.w_typo": 1.0})
 
 
 # ----------------------------------------------------------------- report ---
@@ -165,7 +166,7 @@ def test_report_with_one_seed_has_no_std():
 # ------------------------------------------------------------ the driver ---
 
 class FakeTrainer:
-  """Stands in for train.train_and_evaluate: validates the config it is given, writes
+  """Stands in for trainer.train_and_evaluate: validates the config it is given, writes
   the files a finished run leaves (config.json, checkpoints/, eval/results.json) with
   random metrics, and records every call."""
 
@@ -178,7 +179,7 @@ class FakeTrainer:
     self.calls.append((workdir, config))
     os.makedirs(os.path.join(workdir, "checkpoints"))
     os.makedirs(os.path.join(workdir, "eval"))
-    train.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
     results = {split: {"R@1": float(self.rng.uniform(0, 100)),
                        "R@5": float(self.rng.uniform(0, 100)),
                        "R@10": float(self.rng.uniform(0, 100)),
@@ -280,8 +281,8 @@ def test_cli_trains_for_real(tmp_path):
 
   run = os.path.join(workdir, "spatial_map", "seed_0")
   teacher = os.path.join(workdir, "teacher", "seed_0")
-  assert train.load_config(run).teacher.checkpoint == teacher
-  assert train.load_config(teacher).stage == "teacher"
+  assert workdir_lib.load_config(run).teacher.checkpoint == teacher
+  assert workdir_lib.load_config(teacher).stage == "teacher"
   assert not os.path.exists(os.path.join(run, "teacher"))  # not trained a second time
   results = json.loads(_read(os.path.join(run, "eval", "results.json")))
   table = parse_table(_read(out))

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from tests import train_helpers
-from tigerfg_jax import checkpointing, sharding, train
+from tigerfg_jax import sharding
+from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import synthetic
+from tigerfg_jax.training import trainer
 
 
 @pytest.fixture(scope="module")
@@ -19,19 +21,21 @@ def catalog(tmp_path_factory):
   return str(root)
 
 
-def _read_metrics(workdir):
+def _read_metrics(workdir, kind="train"):
+  """metrics.jsonl rows: 'train' (with a loss) or 'eval' (an evaluator's scalars)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if ("loss" in r) == (kind == "train")]
 
 
 def _final_params(workdir, config):
   """The params of the last checkpoint, restored through the trainer's layout."""
-  tokenizer = train.title_tokenizer(config, workdir, [], None)
+  tokenizer = workdir_lib.run_tokenizer(config, workdir, [], None)
   mesh = sharding.make_mesh(config.mesh)
-  trainer = train.make_trainer(config, mesh, tokenizer.vocab_size)
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
-  state, data_state = checkpointing.restore(manager, manager.latest_step(),
-                                            trainer.abstract_state)
+  built = trainer.make_trainer(config, mesh, tokenizer.vocab_size)
+  manager = workdir_lib.checkpoint_manager(workdir)
+  state, data_state = workdir_lib.restore_checkpoint(manager, manager.latest_step(),
+                                            built.abstract_state)
   return state, data_state
 
 
@@ -40,10 +44,10 @@ def test_resume_equals_uninterrupted(tmp_path, catalog):
       "train.steps": 12, "train.log_every": 1, "train.checkpoint_every": 4,
       "loss.w_sim": 0.0, "data.root": catalog})
   straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  straight = train.train_and_evaluate(config, straight_dir)
-  assert train.train_and_evaluate(config, resumed_dir, stop_after=6) is None
+  straight = trainer.train_and_evaluate(config, straight_dir)
+  assert trainer.train_and_evaluate(config, resumed_dir, stop_after=6) is None
   assert max(row["step"] for row in _read_metrics(resumed_dir)) == 6
-  resumed = train.train_and_evaluate(config, resumed_dir)
+  resumed = trainer.train_and_evaluate(config, resumed_dir)
 
   rows_straight = _read_metrics(straight_dir)
   rows_resumed = _read_metrics(resumed_dir)
@@ -58,6 +62,10 @@ def test_resume_equals_uninterrupted(tmp_path, catalog):
   for a, b in zip(_leaves(state_a.params), _leaves(state_b.params)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   assert straight == resumed
+  eval_rows = _read_metrics(resumed_dir, "eval")
+  assert [r["step"] for r in eval_rows] == [12]
+  assert eval_rows == _read_metrics(straight_dir, "eval")
+  assert eval_rows[0]["retrieval/eval_normal/R@1"] == resumed["eval_normal"]["R@1"]
 
 
 def _leaves(tree):
@@ -66,9 +74,11 @@ def _leaves(tree):
 
 def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path, catalog):
   config = train_helpers.micro_config(**{"train.steps": 4, "train.log_every": 2,
-                                         "data.root": catalog})
+                                         "data.root": catalog,
+                                         "evals.retrieval.every": 2,
+                                         "evals.box_oracle.at_end": True})
   workdir = str(tmp_path / "run")
-  results = train.train_and_evaluate(config, workdir)
+  results = trainer.train_and_evaluate(config, workdir)
   teacher_dir = os.path.join(workdir, "teacher")
   assert os.path.isdir(os.path.join(teacher_dir, "checkpoints"))
   assert json.load(open(os.path.join(teacher_dir, "config.json")))["stage"] == "teacher"
@@ -84,30 +94,40 @@ def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path
     assert 0 <= split["R@1"] <= split["R@5"] <= split["R@10"] <= 100
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
+  # The evaluators: retrieval every 2 steps and at the end, the box oracle at the end.
+  eval_rows = _read_metrics(workdir, "eval")
+  retrieval_steps = [r["step"] for r in eval_rows if "retrieval/eval_normal/R@1" in r]
+  assert retrieval_steps == [2, 4]
+  assert eval_rows[-1]["retrieval/eval_cluttered/R@1"] == results["eval_cluttered"]["R@1"]
+  oracle = json.load(open(os.path.join(workdir, "eval", "box_oracle.json")))
+  assert set(oracle) == {"eval_normal", "eval_cluttered"}
+  box_r1 = oracle["eval_cluttered"]["box"]["R@1"]
+  assert any(r.get("box_oracle/eval_cluttered/box/R@1") == box_r1
+             for r in eval_rows if r["step"] == 4)
 
 
 def test_student_starts_from_a_copy_of_the_teacher():
   config = train_helpers.micro_config()
   mesh = sharding.make_mesh(config.mesh)
-  trainer = train.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
-  student = trainer.init(jax.random.PRNGKey(0))
-  teacher_params = trainer.init(jax.random.PRNGKey(1)).params
-  started = train.student_from_teacher(student, teacher_params, "teacher_dir")
+  built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
+  student = built.init(jax.random.PRNGKey(0))
+  teacher_params = built.init(jax.random.PRNGKey(1)).params
+  started = trainer.student_from_teacher(student, teacher_params, "teacher_dir")
   for got, want in zip(_leaves(started.params), _leaves(teacher_params)):
     np.testing.assert_array_equal(got, want)
   assert any(np.any(a != b) for a, b in zip(_leaves(teacher_params), _leaves(student.params)))
   # A copy: stepping the student (which donates its buffers) leaves the teacher usable.
   batch = train_helpers.random_batch(config, 4, seed=0)
-  stepped, _ = trainer.update(started, teacher_params, batch)
+  stepped, _ = built.update(started, teacher_params, batch)
   assert any(np.any(a != b) for a, b in zip(_leaves(stepped.params), _leaves(teacher_params)))
 
   other = train_helpers.micro_config(**{"model.embed_dim": 64})
-  other_params = train.make_trainer(other, mesh, train_helpers.VOCAB_SIZE).init(
+  other_params = trainer.make_trainer(other, mesh, train_helpers.VOCAB_SIZE).init(
       jax.random.PRNGKey(1)).params
   with pytest.raises(ValueError, match=r"teacher_dir has another parameter layout(.|\n)*"
                                        r"\['projection'\]\['kernel'\]: "
                                        r"student \(32, 256\), teacher \(32, 64\)"):
-    train.student_from_teacher(student, other_params, "teacher_dir")
+    trainer.student_from_teacher(student, other_params, "teacher_dir")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, catalog):
@@ -117,23 +137,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cata
       "train.warmup_steps": 1, "train.learning_rate": 1e38, "loss.w_sim": 0.0,
       "teacher.init_student": False, "data.root": catalog})
   workdir = str(tmp_path / "run")
-  with pytest.raises(train.NonFiniteLossError, match="last good checkpoint is step 1"):
-    train.train_and_evaluate(config, workdir)
+  with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint is step 1"):
+    trainer.train_and_evaluate(config, workdir)
   assert [row["step"] for row in _read_metrics(workdir)] == [1]
-  assert checkpointing.make_manager(os.path.join(workdir, "checkpoints")).latest_step() == 1
+  assert workdir_lib.checkpoint_manager(workdir).latest_step() == 1
 
 
 def test_a_config_saved_before_new_keys_loads_as_it_ran(tmp_path):
   config = train_helpers.micro_config(**{"data.item_image_size": 48,
                                          "data.query_image_size": 48})
-  train.save_config(config, str(tmp_path))
-  assert train.load_config(str(tmp_path)).to_dict() == config.to_dict()
+  workdir_lib.save_config(config, str(tmp_path))
+  assert workdir_lib.load_config(str(tmp_path)).to_dict() == config.to_dict()
   saved = json.loads((tmp_path / "config.json").read_text())
   for section, key in (("model", "posemb_grid"), ("data", "synthetic_eval_items"),
                        ("data", "synthetic_clutter_grid"), ("teacher", "init_student")):
     del saved[section][key]
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  old = train.load_config(str(tmp_path))
+  old = workdir_lib.load_config(str(tmp_path))
   # What such a run did: a 6 x 6 position table (48 px / 8 px patches), a quarter of
   # train per eval split, 3 x 3 clutter, a student trained from scratch.
   assert old.model.posemb_grid == 6

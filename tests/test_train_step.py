@@ -5,21 +5,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests import train_helpers
-from tigerfg_jax import sharding, train, train_step
+from tigerfg_jax import sharding
+from tigerfg_jax.training import step as step_lib
+from tigerfg_jax.training import trainer
 
 
 def _setup(stage="distill", **overrides):
   config = train_helpers.micro_config(stage, **overrides)
   mesh = sharding.make_mesh(config.mesh)
-  trainer = train.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
-  state = trainer.init(jax.random.PRNGKey(0))
+  built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
+  state = built.init(jax.random.PRNGKey(0))
   batch = {k: jnp.asarray(v) for k, v in train_helpers.random_batch(config, 6, 0).items()}
-  return config, trainer, state, batch
+  return config, built, state, batch
 
 
 def test_gradient_matches_finite_differences():
   config, trainer, state, batch = _setup(**{"loss.w_spatial": 0.5})
-  loss_fn = train_step.make_loss_fn(trainer.model, None, config.stage, config.loss)
+  loss_fn = step_lib.make_loss_fn(trainer.model, None, config.stage, config.loss)
   rng = jax.random.PRNGKey(1)
 
   @jax.jit
@@ -49,7 +51,7 @@ def test_teacher_is_frozen_and_terms_are_separate():
   # The teacher's attention is the spatial target, so its map enters the loss too.
   config, trainer, state, batch = _setup(**{"loss.spatial_target": "teacher"})
   teacher_params = jax.tree.map(lambda p: p + 0.01, state.params)
-  loss_fn = train_step.make_loss_fn(trainer.model, trainer.model, "distill", config.loss)
+  loss_fn = step_lib.make_loss_fn(trainer.model, trainer.model, "distill", config.loss)
   rng = jax.random.PRNGKey(0)
   (loss, (terms, _)), (student_grads, teacher_grads) = jax.value_and_grad(
       loss_fn, argnums=(0, 1), has_aux=True)(state.params, teacher_params, batch, rng)

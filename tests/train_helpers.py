@@ -16,14 +16,7 @@ ADAM_ATOL = 2e-5
 
 def micro_config(stage: str = "distill", **overrides):
   """The `micro` preset with `overrides` given as {'train.steps': 3, ...}."""
-  config = config_lib.experiment_config(stage, "micro")
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  return config_lib.apply_overrides(config_lib.experiment_config(stage, "micro"), overrides)
 
 
 def random_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
@@ -56,12 +49,12 @@ def random_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
 def train_micro_run(catalog_dir: str, workdir: str, *, catalog_seed: int = 0,
                     steps: int = 2) -> None:
   """A micro distill run without a teacher (no KL, no teacher init) on a fresh catalog."""
-  from tigerfg_jax import train
   from tigerfg_jax.data import synthetic
+  from tigerfg_jax.training import trainer
   synthetic.write_catalog(catalog_dir, seed=catalog_seed, items=24, image_size=32)
   config = config_lib.experiment_config("distill", "micro")
   config.loss.w_sim = 0.0
   config.teacher.init_student = False
   config.train.steps = steps
   config.data.root = catalog_dir
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)

@@ -42,45 +42,88 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, Mapping
 
 import ml_collections
 
-PRESETS = ("micro", "tiny", "b16")
+from tigerfg_jax import index
+from tigerfg_jax import losses
+from tigerfg_jax.models import partitioning
+from tigerfg_jax.models import towers
+
 STAGES = ("teacher", "distill", "clip_style")
 
 _CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 _CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
 
 
-# (item image side, query image side, synthetic train items, items per eval split,
-# cells per side of a cluttered image).
-_DATA_SIZES = {
-    "micro": (32, 32, 48, 0, 2),
-    "tiny": (64, 64, 3200, 200, 2),
-    "b16": (224, 224, 4000, 0, 3),
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """The sizes a preset sets; every other key has one default for all presets."""
+  # Model.
+  vision_variant: str           # `models.vision.decode_variant` name.
+  text_variant: str             # `models.text` size name.
+  patch_size: int
+  num_registers: int
+  max_title_len: int
+  pooling_slots: int
+  pooling_heads: int
+  pooling_mlp_dim: int
+  # Data.
+  item_image_size: int
+  query_image_size: int
+  synthetic_items: int          # products in the synthetic train split.
+  synthetic_eval_items: int     # items of each synthetic eval split (0: a quarter of train).
+  clutter_grid: int             # cells per side of a synthetic cluttered image.
+  mosaic_prob: float
+  # Training.
+  steps: int
+  batch_size: int
+  learning_rate: float
+
+
+PRESETS = {
+    # Unit tests: seconds on a CPU.
+    "micro": Preset(
+        vision_variant="mu", text_variant="mu", patch_size=8, num_registers=0,
+        max_title_len=16, pooling_slots=2, pooling_heads=2, pooling_mlp_dim=64,
+        item_image_size=32, query_image_size=32, synthetic_items=48,
+        synthetic_eval_items=0, clutter_grid=2, mosaic_prob=0.5,
+        steps=6, batch_size=8, learning_rate=1e-3),
+    # The CPU default: minutes. Mosaic is rare at 64 px: a 2x2 tile halves a product
+    # to a few patches, and at 0.5 eval_normal R@1 fell by 13 points. 2 clutter cells
+    # keep a target at 3-4 patches a side, as 0.3 of a 224 px image is at 16 px patches.
+    "tiny": Preset(
+        vision_variant="pico", text_variant="pico", patch_size=8, num_registers=4,
+        max_title_len=16, pooling_slots=4, pooling_heads=4, pooling_mlp_dim=192,
+        item_image_size=64, query_image_size=64, synthetic_items=3200,
+        synthetic_eval_items=200, clutter_grid=2, mosaic_prob=0.1,
+        steps=300, batch_size=32, learning_rate=1e-3),
+    # The paper's ViT-B/16 query tower, for accelerators.
+    "b16": Preset(
+        vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
+        max_title_len=32, pooling_slots=8, pooling_heads=8, pooling_mlp_dim=1024,
+        item_image_size=224, query_image_size=224, synthetic_items=4000,
+        synthetic_eval_items=0, clutter_grid=3, mosaic_prob=0.5,
+        steps=20_000, batch_size=1024, learning_rate=5e-4),
 }
 
 
-def _model_config(preset: str) -> ml_collections.ConfigDict:
-  vision, text, patch, slots, heads, mlp = {
-      "micro": ("mu", "mu", 8, 2, 2, 64),
-      "tiny": ("pico", "pico", 8, 4, 4, 192),
-      "b16": ("B/16", "S", 16, 8, 8, 1024),
-  }[preset]
-  item_size = _DATA_SIZES[preset][0]
+def _model_config(p: Preset) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      vision_variant=vision,
-      patch_size=patch,
-      posemb_grid=item_size // patch,
-      num_registers=0 if preset == "micro" else 4,
-      text_variant=text,
+      vision_variant=p.vision_variant,
+      patch_size=p.patch_size,
+      posemb_grid=p.item_image_size // p.patch_size,
+      num_registers=p.num_registers,
+      text_variant=p.text_variant,
       vocab_size=0,
-      max_title_len=16 if preset != "b16" else 32,
+      max_title_len=p.max_title_len,
       embed_dim=256,
-      pooling_slots=slots,
-      pooling_heads=heads,
-      pooling_mlp_dim=mlp,
+      pooling_slots=p.pooling_slots,
+      pooling_heads=p.pooling_heads,
+      pooling_mlp_dim=p.pooling_mlp_dim,
       mode="tiger",
       share_vision=True,
       query_pool="cls",
@@ -98,24 +141,20 @@ def _model_config(preset: str) -> ml_collections.ConfigDict:
   ))
 
 
-def _data_config(preset: str) -> ml_collections.ConfigDict:
-  item_size, query_size, items, eval_items, clutter_grid = _DATA_SIZES[preset]
+def _data_config(p: Preset) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      # Dataset folder (DESIGN.md section 4). None: write the synthetic catalog to
+      # Dataset folder (docs/DATA.md). None: write the synthetic catalog to
       # WORKDIR/data and use it.
       root=ml_collections.FieldReference(None, field_type=str),
-      synthetic_items=items,        # products in the synthetic train split.
-      synthetic_eval_items=eval_items,  # items of each eval split (0: a quarter of train).
-      # Cluttered images: a grid x grid layout, one product per cell. 2 at 64 px keeps a
-      # target at 3-4 patches a side, as 0.3 of a 224 px image is at 16 px patches.
-      synthetic_clutter_grid=clutter_grid,
+      synthetic_items=p.synthetic_items,
+      synthetic_eval_items=p.synthetic_eval_items,
+      # Cluttered images: a grid x grid layout, one product per cell.
+      synthetic_clutter_grid=p.clutter_grid,
       synthetic_seed=0,
-      synthetic_image_size=max(item_size, 64),
-      item_image_size=item_size,
-      query_image_size=query_size,
-      # Fraction of training items drawn as mosaics. Low at 64 px: a 2x2 tile halves a
-      # product to a few patches, and at 0.5 eval_normal R@1 fell by 13 points.
-      mosaic_prob=0.1 if preset == "tiny" else 0.5,
+      synthetic_image_size=max(p.item_image_size, 64),
+      item_image_size=p.item_image_size,
+      query_image_size=p.query_image_size,
+      mosaic_prob=p.mosaic_prob,    # fraction of training items drawn as mosaics.
       mosaic_grid=2,                # mosaic of grid x grid tiles.
       skip_bad=False,               # skip invalid records (counted) instead of failing.
       worker_count=0,               # grain worker processes (0 = in-process).
@@ -124,16 +163,12 @@ def _data_config(preset: str) -> ml_collections.ConfigDict:
   ))
 
 
-def _train_config(preset: str) -> ml_collections.ConfigDict:
-  steps, batch, lr = {
-      "micro": (6, 8, 1e-3),
-      "tiny": (300, 32, 1e-3),
-      "b16": (20_000, 1024, 5e-4),
-  }[preset]
+def _train_config(p: Preset) -> ml_collections.ConfigDict:
+  steps = p.steps
   return ml_collections.ConfigDict(dict(
       steps=steps,
-      batch_size=batch,             # global batch, divisible by the 'data' mesh axis.
-      learning_rate=lr,
+      batch_size=p.batch_size,      # global batch, divisible by the 'data' mesh axis.
+      learning_rate=p.learning_rate,
       warmup_steps=max(1, steps // 20),
       weight_decay=0.05,
       grad_clip_norm=1.0,
@@ -157,16 +192,16 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   """Returns the full config of `stage` at `preset` (default 'tiny')."""
   preset = preset or "tiny"
   if preset not in PRESETS:
-    raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.stage = stage
   config.preset = preset
-  config.model = _model_config(preset)
-  config.data = _data_config(preset)
-  config.train = _train_config(preset)
+  config.model = _model_config(PRESETS[preset])
+  config.data = _data_config(PRESETS[preset])
+  config.train = _train_config(PRESETS[preset])
   config.loss = _loss_config()
   # Teacher for distillation: a checkpoint directory written by a `teacher` run. None
   # in the `distill` stage: train it first in WORKDIR/teacher.
@@ -183,8 +218,13 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   ))
   config.eval = ml_collections.ConfigDict(dict(
       backend="scann",              # 'scann' | 'exact' | 'approx'.
-      batch_size=64,
-      every=0,                      # evaluate every N steps too (0 = only at the end).
+      batch_size=64,                # rows per embedding call, divisible by 'data'.
+  ))
+  # Evaluators (`evaluation.evaluators`): each runs every `every` steps (0: never
+  # during training) and, with `at_end`, after the last step.
+  config.evals = ml_collections.ConfigDict(dict(
+      retrieval=dict(every=0, at_end=True),   # R@k, mAP@10 of every eval* split.
+      box_oracle=dict(every=0, at_end=False),  # deployed vs true-box pooling (tiger).
   ))
   if stage == "distill":
     config.loss.w_sim = 1.0
@@ -196,26 +236,70 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   return config
 
 
+# Allowed values of the keys with a fixed set, owned by the modules that read them.
 _CHOICES = {
-    "model.mode": ("tiger", "clip_style"),
-    "model.query_pool": ("cls", "map"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.mlp_activation": ("gelu", "quick_gelu"),
-    "model.text_pool": ("mean", "eos"),
-    "loss.spatial_target": ("box", "teacher"),
-    "mesh.param_sharding": ("replicated", "fsdp", "tensor"),
-    "eval.backend": ("scann", "exact", "approx"),
+    **{f"model.{key}": allowed for key, allowed in towers.CHOICES.items()},
+    "loss.spatial_target": losses.SPATIAL_TARGETS,
+    "mesh.param_sharding": partitioning.PARAM_SHARDINGS,
+    "eval.backend": tuple(index.BACKENDS),
 }
 
 
-def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
-  keys = set()
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place (`{'train.steps': 3}`) and returns `config`.
+
+  Raises:
+    KeyError: naming the override whose section or key the config does not have.
+  """
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+      if part not in node:
+        raise KeyError(f"override {dotted!r}: the config has no section {part!r}")
+      node = node[part]
+    if leaf not in node:
+      raise KeyError(f"override {dotted!r}: the config has no key {leaf!r}")
+    node[leaf] = value
+  return config
+
+
+# Keys a resumed run may change (its length, logging and evaluation cadence); any other
+# key says what the run is (model, data, optimizer, seed, stage) and must not change.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every",
+                  "train.keep_checkpoints", "eval.batch_size", "eval.backend", "evals.")
+
+
+def changed_keys(old: ml_collections.ConfigDict,
+                 new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """`{dotted key: (old value, new value)}` for every key whose value differs."""
+  old_flat, new_flat = _flat_items(old), _flat_items(new)
+  return {key: (old_flat.get(key), new_flat.get(key))
+          for key in sorted(old_flat.keys() | new_flat.keys())
+          if _comparable(old_flat.get(key)) != _comparable(new_flat.get(key))}
+
+
+def is_resumable_change(key: str) -> bool:
+  return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def _comparable(value: Any) -> Any:
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  items = {}
   for key, value in config.items():
     if isinstance(value, ml_collections.ConfigDict):
-      keys |= _flat_keys(value, f"{prefix}{key}.")
+      items.update(_flat_items(value, f"{prefix}{key}."))
     else:
-      keys.add(f"{prefix}{key}")
-  return keys
+      items[f"{prefix}{key}"] = value
+  return items
+
+
+def _flat_keys(config: ml_collections.ConfigDict) -> set[str]:
+  return set(_flat_items(config))
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -229,7 +313,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.get("stage") not in STAGES or config.get("preset") not in PRESETS:
     raise ValueError(f"config.stage={config.get('stage')!r} / config.preset="
                      f"{config.get('preset')!r}: expected a stage in {STAGES} and a "
-                     f"preset in {PRESETS}")
+                     f"preset in {tuple(PRESETS)}")
   reference = experiment_config(config.stage, config.preset)
   problems = [f"unknown key config.{k}"
               for k in sorted(_flat_keys(config) - _flat_keys(reference))]
@@ -247,6 +331,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size"):
     if _get(config, key) < 1:
       problems.append(f"config.{key}={_get(config, key)}: expected a positive integer")
+  for name, settings in config.evals.items():
+    if settings.every < 0:
+      problems.append(f"config.evals.{name}.every={settings.every}: expected >= 0 "
+                      "(0: not during training)")
   for key in ("data.item_image_size", "data.query_image_size"):
     if _get(config, key) % config.model.patch_size:
       problems.append(f"config.{key}={_get(config, key)} is not a multiple of "
@@ -256,8 +344,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.root and not os.path.isdir(config.data.root):
     problems.append(f"config.data.root={config.data.root!r}: no such directory")
   teacher = config.teacher.checkpoint
-  if teacher and not os.path.exists(os.path.join(teacher, "checkpoints")):
+  if teacher and not any(os.path.exists(os.path.join(teacher, name))
+                         for name in ("checkpoints", "init_params")):
     problems.append(f"config.teacher.checkpoint={teacher!r}: expected the workdir of a "
-                    "teacher run (with checkpoints/ and config.json)")
+                    "teacher run (with checkpoints/ or init_params/, and config.json)")
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,4 +1,4 @@
-"""Training losses (DESIGN.md section 3): float32, stable, masked for padding.
+"""Training losses (docs/ARCHITECTURE.md "Losses"): float32, stable, masked for padding.
 
 Every function takes explicit arrays and returns a float32 scalar. The train step
 gathers embeddings across the data axis first, so these see the global batch.
@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from tigerfg_jax.models.towers import l2_normalize
+
+# `config.loss.spatial_target`: what the student's attention map is pulled towards,
+# the ground-truth box's patch coverage or the privileged teacher's attention.
+SPATIAL_TARGETS = ("box", "teacher")
 
 # Attention probabilities are clamped to this before the log in `spatial_map_loss`: a
 # patch the model ignores (probability 0 in float32) costs at most -log(1e-8) = 18.4

@@ -14,24 +14,26 @@ from __future__ import annotations
 import logging as std_logging
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from tigerfg_jax import train
+from tigerfg_jax import cli
+from tigerfg_jax.training import trainer
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/distill.py[:preset].",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for a multi-process job.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() with cluster auto-detection.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file, e.g. configs/distill.py[:preset].",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 for a multi-process job.")
+  flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() with cluster auto-detection.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _quiet_orbax(record) -> bool:
@@ -40,18 +42,22 @@ def _quiet_orbax(record) -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_arguments(argv)
+  args = flags.FLAGS
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  if _COORDINATOR.value or _MULTIHOST.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+  if args.coordinator_address or args.multihost:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes,
+                               process_id=args.process_id)
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  trainer.train_and_evaluate(args.config, args.workdir)
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg-train")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

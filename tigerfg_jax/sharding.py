@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tigerfg_jax.models import partitioning
+from tigerfg_jax.models import factory, partitioning
 
 MESH_AXES = ("data", "model")
 
@@ -67,6 +67,23 @@ def param_shardings(abstract_variables: Any, mesh: jax.sharding.Mesh,
   rules = partitioning.logical_axis_rules(param_sharding)
   logical_specs = nn.get_partition_spec(abstract_variables)
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> Any:
+  """`model`'s unboxed params as `jax.ShapeDtypeStruct`s carrying their NamedShardings.
+
+  From shapes only (`models.factory.abstract_variables`): nothing is allocated.
+  """
+  boxed = factory.abstract_variables(model, config)
+  shardings = param_shardings(boxed, mesh, config.mesh.param_sharding)["params"]
+  return with_shardings(nn.meta.unbox(boxed)["params"], shardings)
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+  """`tree`'s leaves as `jax.ShapeDtypeStruct`s with the matching `shardings` leaf."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
 
 
 def global_batch(local_batch: dict[str, np.ndarray],

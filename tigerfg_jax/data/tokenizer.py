@@ -19,6 +19,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+FILE_NAME = "tokenizer.json"  # a saved tokenizer's name in run and export folders.
+
 SPECIAL_TOKENS = ("[PAD]", "[BOS]", "[EOS]", "[UNK]")
 # Names under which common vocabularies spell their begin / end / unknown tokens.
 _BOS_NAMES = ("[BOS]", "[CLS]", "<s>", "<|startoftext|>", "<bos>")

@@ -43,7 +43,7 @@ import jax
 import ml_collections
 
 from tigerfg_jax import config_lib
-from tigerfg_jax import train
+from tigerfg_jax.training import trainer
 from tigerfg_jax.data import synthetic
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -112,25 +112,11 @@ def load_config_file(path: str, arg: str | None) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg is not None else module.get_config()
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-  """Sets dotted keys in place; a key the config does not have is an error."""
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-      if part not in node:
-        raise KeyError(f"override {dotted!r}: the config has no section {part!r}")
-      node = node[part]
-    if leaf not in node:
-      raise KeyError(f"override {dotted!r}: the config has no key {leaf!r}")
-    node[leaf] = value
-
-
 def row_config(row: Row, *, preset: str, seed: int, data_root: str,
                teacher_dir: str | None, steps: int | None) -> ml_collections.ConfigDict:
   """The full config of one row x seed."""
   config = load_config_file(os.path.join(CONFIGS_DIR, row.config_file), preset)
-  apply_overrides(config, row.overrides)
+  config_lib.apply_overrides(config, row.overrides)
   config.seed = seed
   config.data.root = data_root
   if teacher_dir is not None:
@@ -189,7 +175,7 @@ def _read_wall_time(directory: str) -> float | None:
 def train_row(config: ml_collections.ConfigDict, directory: str) -> dict[str, Any]:
   """Trains and evaluates one run; records its wall time next to its results."""
   start = time.monotonic()
-  results = train.train_and_evaluate(config, directory)
+  results = trainer.train_and_evaluate(config, directory)
   with open(os.path.join(directory, _RUN_RECORD), "w", encoding="utf-8") as f:
     json.dump({"wall_s": time.monotonic() - start}, f)
   return results

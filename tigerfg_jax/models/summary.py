@@ -13,35 +13,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from absl import app
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
+from absl import flags
 from ml_collections import config_flags
 
-from tigerfg_jax.models import towers
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/NAME.py[:preset]).")
+from tigerfg_jax import cli
+from tigerfg_jax.models import factory
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> Any:
   """`TigerFG` parameter tree of `jax.ShapeDtypeStruct`s for the full `config`."""
-  model_config = ml_collections.ConfigDict(config.model.to_dict())
-  if model_config.vocab_size <= 0:
-    model_config.vocab_size = config.data.vocab_size
-  query_size, item_size = config.data.query_image_size, config.data.item_image_size
-  length = model_config.max_title_len
-  batch = dict(
-      query_image=jax.ShapeDtypeStruct((1, query_size, query_size, 3), jnp.uint8),
-      item_image=jax.ShapeDtypeStruct((1, item_size, item_size, 3), jnp.uint8),
-      title_tokens=jax.ShapeDtypeStruct((1, length), jnp.int32),
-      title_mask=jax.ShapeDtypeStruct((1, length), jnp.bool_))
-  model = towers.TigerFG(model_config)
-  variables = jax.eval_shape(
-      lambda b: model.init({"params": jax.random.key(0)}, b), batch)
-  return nn.meta.unbox(variables)["params"]
+  vocab_size = config.model.vocab_size if config.model.vocab_size > 0 else config.data.vocab_size
+  model = factory.build_model(config, vocab_size)
+  return nn.meta.unbox(factory.abstract_variables(model, config))["params"]
 
 
 def _count(tree: Any) -> int:
@@ -102,14 +88,21 @@ def format_table(counts: dict[str, int], config: ml_collections.ConfigDict) -> s
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (configs/NAME.py[:preset]).")
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config=configs/NAME.py[:preset] is required")
+  cli.no_arguments(argv)
+  config = flags.FLAGS.config
   print(format_table(parameter_counts(abstract_params(config)), config))
 
 
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg_jax.models.summary")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

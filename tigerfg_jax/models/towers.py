@@ -27,6 +27,15 @@ from tigerfg_jax.models import partitioning, pooling, text, transformer, vision
 MODES = ("tiger", "clip_style")
 QUERY_POOLS = ("cls", "map")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The allowed values of each `config.model` key that has a fixed set (config_lib
+# validates configs against this table; `TigerFG` checks its own config with it).
+CHOICES = {
+    "mode": MODES,
+    "query_pool": QUERY_POOLS,
+    "dtype": tuple(DTYPES),
+    "mlp_activation": tuple(transformer.ACTIVATIONS),
+    "text_pool": text.POOLS,
+}
 
 
 def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[float],
@@ -247,19 +256,9 @@ def _check_model_config(c: ml_collections.ConfigDict) -> None:
   if c.posemb_grid < 1:
     raise ValueError(f"config.model.posemb_grid={c.posemb_grid}: expected a positive "
                      "grid side (usually data.item_image_size / model.patch_size)")
-  if c.mode not in MODES:
-    raise ValueError(f"config.model.mode={c.mode!r}; expected one of {MODES}")
-  if c.query_pool not in QUERY_POOLS:
-    raise ValueError(
-        f"config.model.query_pool={c.query_pool!r}; expected one of {QUERY_POOLS}")
-  if c.mlp_activation not in transformer.ACTIVATIONS:
-    raise ValueError(f"config.model.mlp_activation={c.mlp_activation!r}; expected one "
-                     f"of {tuple(transformer.ACTIVATIONS)}")
-  if c.text_pool not in text.POOLS:
-    raise ValueError(
-        f"config.model.text_pool={c.text_pool!r}; expected one of {text.POOLS}")
-  if c.dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype={c.dtype!r}; expected one of {tuple(DTYPES)}")
+  for key, allowed in CHOICES.items():
+    if c[key] not in allowed:
+      raise ValueError(f"config.model.{key}={c[key]!r}; expected one of {allowed}")
   if c.vocab_size <= 0:
     raise ValueError(f"config.model.vocab_size={c.vocab_size}: must be > 0 (set it "
                      "from the tokenizer's vocabulary size)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tigerfg_jax import metrics
+from tigerfg_jax.evaluation import retrieval_metrics
 
 
 def test_hand_worked_three_queries():
@@ -13,7 +13,7 @@ def test_hand_worked_three_queries():
                    [2, 0, 5, 6, 8],
                    [1, 2, 3, 4, 5]])
   positives = [{7, 9}, {2}, [10, 11]]
-  result = metrics.retrieval_metrics(rows, positives)
+  result = retrieval_metrics.retrieval_metrics(rows, positives)
   # q0: positives at ranks 2 and 5 -> R@1 miss, R@5 hit, R@10 (5 rows) hit;
   #     AP@10 = (P@2 + P@5) / min(2, 10) = (1/2 + 2/5) / 2 = 0.45.
   # q1: positive at rank 1 -> hits everywhere; AP = P@1 / 1 = 1.
@@ -27,21 +27,21 @@ def test_hand_worked_three_queries():
 
 def test_ap_normaliser_caps_at_k():
   # 4 positives, map_k=2, first two rows positive: (P@1 + P@2) / min(4, 2) = 2 / 2 = 1.
-  result = metrics.retrieval_metrics(np.array([[5, 6, 7]]), [{5, 6, 7, 8}],
+  result = retrieval_metrics.retrieval_metrics(np.array([[5, 6, 7]]), [{5, 6, 7, 8}],
                                      ks=(1,), map_k=2)
   assert result["mAP@2"] == pytest.approx(100.0)
   # Positives at ranks 1 and 3 of 3, map_k=3, |P| = 4: (1/1 + 2/3) / min(4, 3) = 5/9.
-  result = metrics.retrieval_metrics(np.array([[5, 1, 6]]), [[5, 6, 7, 8]],
+  result = retrieval_metrics.retrieval_metrics(np.array([[5, 1, 6]]), [[5, 6, 7, 8]],
                                      ks=(1,), map_k=3)
   assert result["mAP@3"] == pytest.approx(100 * 5 / 9)
 
 
 def test_ties_follow_rank_by_score_lower_row_first():
   scores = np.array([[0.5, 0.9, 0.5, 0.9]])
-  rows = metrics.rank_by_score(scores, k=4)
+  rows = retrieval_metrics.rank_by_score(scores, k=4)
   # Rows 1 and 3 tie at 0.9 (row 1 first), rows 0 and 2 tie at 0.5 (row 0 first).
   np.testing.assert_array_equal(rows, [[1, 3, 0, 2]])
-  result = metrics.retrieval_metrics(rows, [{3}], ks=(1, 2), map_k=2)
+  result = retrieval_metrics.retrieval_metrics(rows, [{3}], ks=(1, 2), map_k=2)
   # The tie puts the positive row 3 second: R@1 = 0, R@2 = 100, AP@2 = P@2 / 1 = 1/2.
   assert result["R@1"] == 0.0
   assert result["R@2"] == 100.0
@@ -50,7 +50,7 @@ def test_ties_follow_rank_by_score_lower_row_first():
 
 def test_padding_rows_and_duplicate_positives():
   # -1 marks "no item" (catalog smaller than k); repeated positives count once.
-  result = metrics.retrieval_metrics(np.array([[4, -1, -1]]), [[4, 4, 9]],
+  result = retrieval_metrics.retrieval_metrics(np.array([[4, -1, -1]]), [[4, 4, 9]],
                                      ks=(1, 3), map_k=3)
   assert result["R@1"] == 100.0
   # AP@3 = P@1 / min(|{4, 9}|, 3) = 1 / 2.
@@ -81,7 +81,7 @@ def test_random_rankings_match_reference():
   rows = np.stack([rng.permutation(40)[:12] for _ in range(50)])
   positives = [set(rng.choice(40, size=rng.integers(1, 6), replace=False).tolist())
                for _ in range(50)]
-  result = metrics.retrieval_metrics(rows, positives, ks=(1, 5, 10), map_k=10)
+  result = retrieval_metrics.retrieval_metrics(rows, positives, ks=(1, 5, 10), map_k=10)
   expected = _reference(rows, positives, (1, 5, 10), 10)
   for key, value in expected.items():
     assert result[key] == pytest.approx(value), key
@@ -90,7 +90,7 @@ def test_random_rankings_match_reference():
 def test_rank_by_score_matches_full_sort():
   rng = np.random.default_rng(1)
   scores = rng.integers(0, 5, size=(6, 30)).astype(np.float32)  # many ties
-  rows = metrics.rank_by_score(scores, k=7)
+  rows = retrieval_metrics.rank_by_score(scores, k=7)
   for query in range(6):
     expected = sorted(range(30), key=lambda r: (-scores[query, r], r))[:7]
     np.testing.assert_array_equal(rows[query], expected)
@@ -104,9 +104,9 @@ def test_rank_by_score_matches_full_sort():
 ])
 def test_bad_inputs(rows, positives, match):
   with pytest.raises(ValueError, match=match):
-    metrics.retrieval_metrics(rows, positives)
+    retrieval_metrics.retrieval_metrics(rows, positives)
 
 
 def test_rank_by_score_rejects_nan():
   with pytest.raises(ValueError, match="NaN"):
-    metrics.rank_by_score(np.array([[0.1, np.nan]]), k=1)
+    retrieval_metrics.rank_by_score(np.array([[0.1, np.nan]]), k=1)

@@ -1,7 +1,7 @@
-r"""Answers an image query from an export (see `tigerfg_jax.exported`).
+r"""Answers an image query from an export (see `tigerfg_jax.serving.artifact`).
 
-  python -m tigerfg_jax.search --export=EXPORT --image=PATH [--k=10]
-  python -m tigerfg_jax.search --export=EXPORT --items=SPLIT_FOLDER [--image=PATH]
+  python -m tigerfg_jax.serving.search --export=EXPORT --image=PATH [--k=10]
+  python -m tigerfg_jax.serving.search --export=EXPORT --items=SPLIT_FOLDER [--image=PATH]
 
 Prints one line per hit, best first: `rank item_id score title` (rank from 1, score the
 cosine similarity). A catalog smaller than k gives fewer lines.
@@ -23,14 +23,15 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from tigerfg_jax import exported
+from tigerfg_jax import cli
 from tigerfg_jax.data import folder
+from tigerfg_jax.serving import artifact
 
 # Item images read and embedded at a time by --items.
 _ADD_BATCH = 256
 
 
-def add_items(model: exported.ExportedModel, split_dir: str) -> int:
+def add_items(model: artifact.ExportedModel, split_dir: str) -> int:
   """Embeds the items of the split folder `split_dir`, adds and saves them.
 
   Returns the number of items added. Raises `folder.DatasetError` listing every
@@ -54,7 +55,7 @@ def add_items(model: exported.ExportedModel, split_dir: str) -> int:
   return len(records.items)
 
 
-def search_lines(model: exported.ExportedModel, image_path: str, k: int) -> list[str]:
+def search_lines(model: artifact.ExportedModel, image_path: str, k: int) -> list[str]:
   """`rank item_id score title` for each hit of the image at `image_path`."""
   if k < 1:
     raise ValueError(f"--k={k}: expected a positive number of hits")
@@ -65,9 +66,9 @@ def search_lines(model: exported.ExportedModel, image_path: str, k: int) -> list
           if item_id]
 
 
-def run(export_dir: str, image: str | None, k: int, items: str | None) -> list[str]:
+def answer(export_dir: str, image: str | None, k: int, items: str | None) -> list[str]:
   """The CLI's work: optionally add `items`, then the hit lines of `image` (if any)."""
-  model = exported.load(export_dir)
+  model = artifact.load(export_dir)
   if items:
     added = add_items(model, items)
     print(f"added {added} items from {items}; the catalog has {len(model.item_ids)}",
@@ -75,25 +76,26 @@ def run(export_dir: str, image: str | None, k: int, items: str | None) -> list[s
   return search_lines(model, image, k) if image else []
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.image and not FLAGS.items:
-    raise app.UsageError("give --image=PATH to search, --items=FOLDER to add items, or both")
-  try:
-    lines = run(FLAGS.export, FLAGS.image, FLAGS.k, FLAGS.items)
-  except (OSError, ValueError, TypeError) as e:
-    sys.exit(f"search: error: {e}")
-  for line in lines:
-    print(line)
-
-
-if __name__ == "__main__":
-  # Defined here, not at import, so importing this module defines no flags.
-  flags.DEFINE_string("export", None, "Export directory (tigerfg_jax.export --out).",
-                      required=True)
+def define_flags() -> None:
+  flags.DEFINE_string("export", None, "Export directory (tigerfg_jax.serving.export "
+                      "--out).", required=True)
   flags.DEFINE_string("image", None, "Query image file.")
   flags.DEFINE_integer("k", 10, "Hits to print.")
   flags.DEFINE_string("items", None, "Split folder whose items are added to the catalog.")
-  FLAGS = flags.FLAGS
-  app.run(main)
+
+
+def main(argv: Sequence[str]) -> None:
+  cli.no_arguments(list(argv))
+  args = flags.FLAGS
+  if not args.image and not args.items:
+    raise app.UsageError("give --image=PATH to search, --items=FOLDER to add items, or both")
+  for line in answer(args.export, args.image, args.k, args.items):
+    print(line)
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg-search")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,7 +1,7 @@
 """A TIGER-FG export on disk: its layout, its checksummed manifest, and its loader.
 
-`tigerfg_jax.export` writes an export directory; this module reads it back with JAX
-and ScaNN alone: the encoders are `jax.export` artifacts (StableHLO with the weights
+`tigerfg_jax.serving.export` writes an export directory; this module reads it back with
+JAX and ScaNN alone: the encoders are `jax.export` artifacts (StableHLO with the weights
 baked in), so no model code (`tigerfg_jax.models`, flax) is imported here.
 
   EXPORT/
@@ -19,7 +19,7 @@ decode to RGB, squash to S x S, bilinear); pixel normalisation is
 inside the encoders.
 
 ```python
-model = exported.load("EXPORT")                    # verifies every checksum first
+model = artifact.load("EXPORT")                    # verifies every checksum first
 ids, scores = model.search(model.load_images(["q.jpg"], "query"), k=10)  # [1, 10]
 ```
 """
@@ -39,7 +39,9 @@ from jax import export as jax_export
 
 from tigerfg_jax import index as index_lib
 from tigerfg_jax.data import pipeline
+from tigerfg_jax.data import tokenizer as tokenizer_lib
 from tigerfg_jax.data.tokenizer import TitleTokenizer
+from tigerfg_jax.evaluation import embedding
 
 FORMAT = "tigerfg_jax.export"
 FORMAT_VERSION = 1
@@ -47,8 +49,7 @@ MANIFEST = "manifest.json"
 QUERY_ENCODER = "query_encoder.jax"
 ITEM_ENCODER = "item_encoder.jax"
 PREPROCESSING = "preprocessing.json"
-TOKENIZER = "tokenizer.json"
-CONFIG = "config.json"
+TOKENIZER = tokenizer_lib.FILE_NAME
 CATALOG = "catalog.jsonl"
 INDEX_DIR = "index"
 # Rows per encoder call: bounds memory, and padding the last chunk to this size keeps
@@ -116,7 +117,7 @@ def verify(export_dir: str) -> dict[str, Any]:
   path = os.path.join(export_dir, MANIFEST)
   if not os.path.isdir(export_dir):
     raise ExportError(f"{export_dir}: no such export directory (write one with "
-                      "`python -m tigerfg_jax.export --workdir=DIR --out=EXPORT`)")
+                      "`python -m tigerfg_jax.serving.export --workdir=DIR --out=EXPORT`)")
   if not os.path.isfile(path):
     raise ExportError(f"{path}: missing; {export_dir} is not a tigerfg_jax export")
   try:
@@ -217,16 +218,9 @@ def _run_batched(fn: Callable[..., jax.Array], inputs: Sequence[np.ndarray],
   count = len(inputs[0])
   if count == 0:  # the encoders' symbolic batch is >= 1.
     return np.zeros((0, width), np.float32)
-  if count <= EMBED_BATCH:
-    return np.asarray(fn(*inputs))
-  outputs = []
-  for start in range(0, count, EMBED_BATCH):
-    chunk = [x[start:start + EMBED_BATCH] for x in inputs]
-    rows = len(chunk[0])
-    padded = [np.concatenate([c, np.zeros((EMBED_BATCH - rows, *c.shape[1:]), c.dtype)])
-              for c in chunk]
-    outputs.append(np.asarray(fn(*padded))[:rows])
-  return np.concatenate(outputs)
+  keys = [str(k) for k in range(len(inputs))]
+  batches = embedding.array_batches(dict(zip(keys, inputs)), min(count, EMBED_BATCH))
+  return embedding.embed_batches(fn, batches, keys, count)
 
 
 class ExportedModel:

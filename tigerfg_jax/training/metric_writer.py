@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -33,8 +34,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
     for name, value in row.items():
-      if name != "step":
-        self._tb.add_scalar(name, value, global_step=step)
+      if name != "step":  # TensorBoard tags allow [\w./-] only ('R@1' -> 'R_1').
+        self._tb.add_scalar(re.sub(r"[^\w./-]", "_", name), value, global_step=step)
     self._tb.flush()
 
   def close(self) -> None:

@@ -2,14 +2,13 @@
 
 Reads top to bottom like big_vision's train.py: config checks, data, tokenizer, mesh and
 shardings, model and optimizer, teacher, checkpoint restore, the jitted update step,
-the train loop, the final evaluation. The `distill` stage trains its teacher first in
-WORKDIR/teacher when `config.teacher.checkpoint` is not given.
+the train loop with its evaluators (`config.evals`). The `distill` stage trains its
+teacher first in WORKDIR/teacher when `config.teacher.checkpoint` is not given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -21,59 +20,21 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from tigerfg_jax import checkpointing
 from tigerfg_jax import config_lib
-from tigerfg_jax import evaluate
-from tigerfg_jax import metric_writer
-from tigerfg_jax import optim
 from tigerfg_jax import sharding
-from tigerfg_jax import train_step
-from tigerfg_jax.data import catalog_root
+from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import folder
 from tigerfg_jax.data import pipeline
-from tigerfg_jax.data.tokenizer import TitleTokenizer
+from tigerfg_jax.evaluation import evaluators
+from tigerfg_jax.models import factory
 from tigerfg_jax.models import towers
-
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+from tigerfg_jax.training import metric_writer
+from tigerfg_jax.training import optim
+from tigerfg_jax.training import step as step_lib
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/inf loss; the last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------- config ---
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
-# Keys added after runs were saved, and the value that reproduces what such a run did
-# (not today's default): its ViT's position table was its item grid, its catalog had a
-# quarter of train per eval split and 3 x 3 clutter, its student started from scratch.
-_SAVED_BEFORE = {
-    ("model", "posemb_grid"): lambda s: s["data"]["item_image_size"] // s["model"]["patch_size"],
-    ("data", "synthetic_eval_items"): lambda s: 0,
-    ("data", "synthetic_clutter_grid"): lambda s: 3,
-    ("teacher", "init_student"): lambda s: False,
-}
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """A run's saved config. Keys added to the project since it was saved take the value
-  that reproduces the saved run (`_SAVED_BEFORE`), others their defaults."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no saved config; is {workdir} a tigerfg_jax workdir?")
-  with open(path) as f:
-    saved = json.load(f)
-  for (section, key), value in _SAVED_BEFORE.items():
-    if section in saved and key not in saved[section]:
-      saved[section][key] = value(saved)
-  config = config_lib.experiment_config(saved["stage"], saved["preset"])
-  config.update(saved)
-  return config
 
 
 def teacher_stage_config(config: ml_collections.ConfigDict,
@@ -102,11 +63,9 @@ def prepare_data(config: ml_collections.ConfigDict,
   is validated here, before any training.
   """
   def load():
-    root = catalog_root(config.data, workdir)
+    root = workdir_lib.data_root(config, workdir)
     names = ["train", *folder.eval_splits(root)]
-    return root, {name: pipeline.load_split(root, name,
-                                            cache_dir=os.path.join(root, ".cache"),
-                                            skip_bad=config.data.skip_bad)
+    return root, {name: workdir_lib.load_split(config, workdir, name, root)
                   for name in names}
 
   if jax.process_count() == 1:
@@ -115,44 +74,6 @@ def prepare_data(config: ml_collections.ConfigDict,
     load()
   multihost_utils.sync_global_devices("tigerfg_jax data prepared")
   return load()
-
-
-# ------------------------------------------------------------------------ model ---
-
-def model_for(config: ml_collections.ConfigDict, vocab_size: int) -> towers.TigerFG:
-  model_config = config.model.copy_and_resolve_references()
-  model_config.vocab_size = vocab_size
-  return towers.TigerFG(ml_collections.FrozenConfigDict(model_config))
-
-
-def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, Any]:
-  """Shape-only stand-in of a training batch (ARCHITECTURE.md) for init/eval_shape."""
-  item, query = config.data.item_image_size, config.data.query_image_size
-  num_patches = (item // config.model.patch_size) ** 2
-  length = config.model.max_title_len
-  return {
-      "query_image": jnp.zeros((batch_size, query, query, 3), jnp.uint8),
-      "item_image": jnp.zeros((batch_size, item, item, 3), jnp.uint8),
-      "title_tokens": jnp.zeros((batch_size, length), jnp.int32),
-      "title_mask": jnp.ones((batch_size, length), bool),
-      "box": jnp.zeros((batch_size, 4), jnp.float32),
-      "has_box": jnp.zeros((batch_size,), bool),
-      "spatial_target": jnp.full((batch_size, num_patches), 1 / num_patches, jnp.float32),
-      "group": jnp.arange(batch_size, dtype=jnp.int32),
-  }
-
-
-def abstract_params(model: nn.Module, config: ml_collections.ConfigDict,
-                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """(boxed abstract variables, NamedShardings of the unboxed params) without allocating."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_batch(config, 2)))
-  shardings = sharding.param_shardings(boxed, mesh, config.mesh.param_sharding)
-  return boxed, shardings["params"]
-
-
-def with_shardings(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      tree, shardings)
 
 
 # ---------------------------------------------------------------------- teacher ---
@@ -164,8 +85,8 @@ def needs_teacher(config: ml_collections.ConfigDict) -> bool:
       or (loss.w_spatial > 0 and loss.spatial_target == "teacher"))
 
 
-def student_from_teacher(state: train_step.TrainState, teacher_params: Any,
-                         teacher_dir: str) -> train_step.TrainState:
+def student_from_teacher(state: step_lib.TrainState, teacher_params: Any,
+                         teacher_dir: str) -> step_lib.TrainState:
   """A fresh student `state` holding a copy of the teacher's weights.
 
   Stage 2 starts where stage 1 ended (`config.teacher.init_student`); the optimizer
@@ -191,52 +112,16 @@ def student_from_teacher(state: train_step.TrainState, teacher_params: Any,
   return state.replace(params=params)
 
 
-def load_run(workdir: str, mesh: jax.sharding.Mesh,
-             vocab_size: int) -> tuple[towers.TigerFG, Any]:
-  """A run's model (from its saved config) and its latest params (e.g. a teacher)."""
-  run_config = load_config(workdir)
-  model = model_for(run_config, vocab_size)
-  boxed, param_shardings = abstract_params(model, run_config, mesh)
-  abstract = with_shardings(nn.meta.unbox(boxed)["params"], param_shardings)
-  params = checkpointing.restore_params(os.path.join(workdir, "checkpoints"), abstract)
-  return model, params
-
-
-def load_trained(workdir: str) -> tuple[towers.TigerFG, Any, TitleTokenizer]:
-  """(model, params, tokenizer) of a trained run's workdir (its latest checkpoint)."""
-  tokenizer = TitleTokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
-  mesh = sharding.make_mesh(load_config(workdir).mesh)
-  model, params = load_run(workdir, mesh, tokenizer.vocab_size)
-  return model, params, tokenizer
-
-
 def resolve_teacher(config: ml_collections.ConfigDict, workdir: str, data_root: str) -> str:
   """A teacher workdir: the configured one, or WORKDIR/teacher trained now."""
   if config.teacher.checkpoint:
     return config.teacher.checkpoint
   teacher_dir = os.path.join(workdir, "teacher")
-  if os.path.exists(os.path.join(teacher_dir, "eval", "results.json")):
+  if os.path.exists(os.path.join(teacher_dir, workdir_lib.EVAL_DIR, workdir_lib.RESULTS_FILE)):
     return teacher_dir
   logging.info("No teacher.checkpoint: training the teacher stage in %s", teacher_dir)
   train_and_evaluate(teacher_stage_config(config, data_root), teacher_dir)
   return teacher_dir
-
-
-def title_tokenizer(config: ml_collections.ConfigDict, workdir: str,
-                    train_titles: list[str], teacher_dir: str | None) -> TitleTokenizer:
-  """The teacher's tokenizer when distilling (ids must agree), else this run's own."""
-  own = os.path.join(workdir, TOKENIZER_FILE)
-  if teacher_dir is not None:
-    tokenizer = TitleTokenizer.load(os.path.join(teacher_dir, TOKENIZER_FILE))
-  elif os.path.exists(own):
-    tokenizer = TitleTokenizer.load(own)
-  elif config.data.tokenizer:
-    tokenizer = TitleTokenizer.load(config.data.tokenizer)
-  else:
-    tokenizer = TitleTokenizer.train(train_titles, config.data.vocab_size)
-  if jax.process_index() == 0 and not os.path.exists(own):
-    tokenizer.save(own)
-  return tokenizer
 
 
 # ------------------------------------------------------------------- trainer ---
@@ -251,7 +136,7 @@ class Trainer:
   model: towers.TigerFG
   abstract_state: Any
   batch_sharding: jax.sharding.NamedSharding
-  init: Callable[[jax.Array], train_step.TrainState]
+  init: Callable[[jax.Array], step_lib.TrainState]
   update: Callable[..., Any]
 
 
@@ -259,14 +144,15 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                  vocab_size: int, teacher_model: towers.TigerFG | None = None,
                  teacher_params: Any = None) -> Trainer:
   """Builds the model, optimizer, state shardings and the jitted init/update."""
-  model = model_for(config, vocab_size)
+  model = factory.build_model(config, vocab_size)
   optimizer = optim.make_optimizer(config.train)
-  _, param_shardings = abstract_params(model, config, mesh)
+  param_shardings = jax.tree.map(lambda a: a.sharding,
+                                 sharding.abstract_params(model, config, mesh))
   repl = sharding.replicated(mesh)
 
   def init_state(rng):
-    params = nn.meta.unbox(model.init(rng, dummy_batch(config, 2)))["params"]
-    return train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+    params = nn.meta.unbox(model.init(rng, factory.dummy_batch(config, 2)))["params"]
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  opt_state=optimizer.init(params),
                                  rng=jax.random.fold_in(rng, 1))
 
@@ -277,13 +163,13 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                                           param_shardings, repl))
   teacher_shardings = (None if teacher_params is None
                        else jax.tree.map(lambda a: a.sharding, teacher_params))
-  loss_fn = train_step.make_loss_fn(model, teacher_model, config.stage, config.loss)
+  loss_fn = step_lib.make_loss_fn(model, teacher_model, config.stage, config.loss)
   batch_sharding = sharding.batch_sharding(mesh)
-  update = jax.jit(train_step.make_update_fn(loss_fn, optimizer),
+  update = jax.jit(step_lib.make_update_fn(loss_fn, optimizer),
                    in_shardings=(state_shardings, teacher_shardings, batch_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
   return Trainer(model=model,
-                 abstract_state=with_shardings(abstract_state, state_shardings),
+                 abstract_state=sharding.with_shardings(abstract_state, state_shardings),
                  batch_sharding=batch_sharding,
                  init=jax.jit(init_state, out_shardings=state_shardings),
                  update=update)
@@ -297,12 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: an experiment config (`config_lib.experiment_config`).
-    workdir: output folder (DESIGN.md section 8 lists what it holds).
+    workdir: the run folder (`tigerfg_jax.workdir` lists what it holds).
     stop_after: leave after this many steps in this call (as a preempted job would),
       with a checkpoint written; the next call resumes. None: run to the end.
 
   Returns:
-    `{split: metrics}` from the final evaluation, or None when stopped early.
+    `{split: metrics}` of the final retrieval evaluation (`config.evals.retrieval`;
+    {} when it does not run at the end), or None when stopped early.
   """
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -311,19 +198,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(
         f"config.train.batch_size={batch_size} must be divisible by the 'data' mesh "
         f"axis ({mesh.shape['data']} devices) and the {jax.process_count()} processes")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    save_config(config, workdir)
+  workdir_lib.check_workdir(workdir)
+  changes = workdir_lib.resume_changes(config, workdir)
 
   # --- data and tokenizer ---
   data_root, splits = prepare_data(config, workdir)
   teacher_dir = resolve_teacher(config, workdir, data_root) if needs_teacher(config) else None
-  tokenizer = title_tokenizer(config, workdir, splits["train"].titles, teacher_dir)
+  tokenizer = workdir_lib.run_tokenizer(config, workdir, splits["train"].titles, teacher_dir)
 
   # --- model, optimizer, teacher ---
   teacher_model, teacher_params = None, None
   if teacher_dir is not None:
-    teacher_model, teacher_params = load_run(teacher_dir, mesh, tokenizer.vocab_size)
+    teacher_model, teacher_params = workdir_lib.load_run(teacher_dir, mesh,
+                                                         tokenizer.vocab_size)
   trainer = make_trainer(config, mesh, tokenizer.vocab_size, teacher_model, teacher_params)
 
   # --- input pipeline and checkpoint restore ---
@@ -332,17 +219,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       patch_size=config.model.patch_size, max_title_len=config.model.max_title_len,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
-                                       config.train.keep_checkpoints)
+  manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
   if manager.latest_step() is not None:
     step0 = manager.latest_step()
-    logging.info("Resuming from %s/%d", manager.directory, step0)
-    state, data_state = checkpointing.restore(manager, step0, trainer.abstract_state)
+    logging.info("Resuming from %s/%d%s", manager.directory, step0,
+                 "".join(f"; config.{k}: {old!r} -> {new!r}"
+                         for k, (old, new) in changes.items()))
+    state, data_state = workdir_lib.restore_checkpoint(manager, step0,
+                                                       trainer.abstract_state)
     train_iter.set_state(data_state)
   else:
     state = trainer.init(jax.random.PRNGKey(config.seed))
-    if config.teacher.init_student:
+    if workdir_lib.has_init_params(workdir):
+      state = state.replace(params=workdir_lib.restore_init_params(
+          workdir, trainer.abstract_state.params))
+    elif config.teacher.init_student:
       state = student_from_teacher(state, teacher_params, teacher_dir)
+  # Everything is checked: only now is the run folder written.
+  workdir_lib.write_run_files(config, workdir, tokenizer, changes, int(state.step))
+
+  # --- evaluators ---
+  eval_splits = {name: split for name, split in splits.items() if name != "train"}
+  scheduled = evaluators.from_config(config, trainer.model, tokenizer, eval_splits, mesh,
+                                     workdir)
 
   # --- train loop ---
   total = config.train.steps
@@ -350,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last = total if stop_after is None else min(total, first + stop_after)
   writer = metric_writer.MetricWriter(workdir)
   timer = metric_writer.StepTimer(first, total, batch_size)
+  final_results: dict[str, Any] = {}
   for step in range(first + 1, last + 1):
     batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
     state, measurements = trainer.update(state, teacher_params, batch)
@@ -367,13 +267,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write(step, scalars)
         metric_writer.log_progress(step, total, scalars)
     if is_ckpt:
-      checkpointing.save(manager, step, state, train_iter.get_state())
+      workdir_lib.save_checkpoint(manager, step, state, train_iter.get_state())
+    final_results.update(run_evaluators(scheduled, step, total, state.params, writer))
+  if first == total:  # a finished run rerun: evaluate its last checkpoint again.
+    final_results.update(run_evaluators(scheduled, total, total, state.params, writer))
   manager.wait_until_finished()
   writer.close()
   if last < total:
     return None
+  return final_results.get("retrieval", {})
 
-  # --- evaluation ---
-  eval_splits = {name: split for name, split in splits.items() if name != "train"}
-  return evaluate.evaluate_all(trainer.model, state.params, tokenizer, eval_splits, config,
-                               mesh, workdir)
+
+def run_evaluators(scheduled: list[evaluators.Scheduled], step: int, total: int,
+                   params: Any, writer: metric_writer.MetricWriter) -> dict[str, Any]:
+  """Runs the evaluators due after `step`, logs their scalars; returns final results."""
+  final_results = {}
+  for evaluator in scheduled:
+    due, final = evaluator.due(step, total)
+    if due:
+      results = evaluator.evaluator.run(params, final=final)
+      writer.write(step, {f"{evaluator.name}/{k}": v
+                          for k, v in evaluator.evaluator.scalars(results).items()})
+      if final:
+        final_results[evaluator.name] = results
+  return final_results

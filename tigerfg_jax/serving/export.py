@@ -1,10 +1,10 @@
 r"""Exports a trained run for serving without the training code.
 
-  python -m tigerfg_jax.export --workdir=DIR --out=EXPORT [--split=eval_cluttered] \
-      [--data_root=ROOT] [--platforms=cpu,cuda,tpu]
+  python -m tigerfg_jax.serving.export --workdir=DIR --out=EXPORT \
+      [--split=eval_cluttered] [--data_root=ROOT] [--platforms=cpu,cuda,tpu]
 
 Restores the params of the latest checkpoint in DIR/checkpoints and writes EXPORT/ in
-the layout of `tigerfg_jax.exported` (which loads it): both towers serialized with
+the layout of `tigerfg_jax.serving.artifact` (which loads it): both towers serialized with
 `jax.export` (StableHLO, batch dimension symbolic, params baked in as constants,
 lowered for every platform in --platforms so an export made on a CPU host serves on
 GPU/TPU), the tokenizer, the config, the preprocessing parameters, and the catalog:
@@ -12,7 +12,7 @@ the item embeddings of one split with their ids and titles in a ScaNN index.
 
 The catalog is the split --split of the run's dataset (the run's `data.root`, or
 DIR/data for the synthetic catalog; --data_root overrides). Every eval split is its own
-catalog (DESIGN.md section 1); the default is `eval_cluttered`, the setting TIGER-FG is
+catalog; the default is `eval_cluttered`, the setting TIGER-FG is
 built for (the titled product among distractors). Its embeddings come from the
 evaluator's own functions, so they equal DIR/eval/<split>_item_emb.npy. Single-process.
 """
@@ -30,22 +30,20 @@ import sys
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from jax import export as jax_export
 
-from tigerfg_jax import checkpointing
-from tigerfg_jax import evaluate
-from tigerfg_jax import exported
+from tigerfg_jax import cli
 from tigerfg_jax import index as index_lib
 from tigerfg_jax import sharding
-from tigerfg_jax import train
-from tigerfg_jax.data import catalog_root, folder, pipeline
+from tigerfg_jax import workdir as workdir_lib
+from tigerfg_jax.data import folder, pipeline
 from tigerfg_jax.data.tokenizer import TitleTokenizer
-from tigerfg_jax.models import towers
+from tigerfg_jax.evaluation import encoders, retrieval
+from tigerfg_jax.models import factory, towers
+from tigerfg_jax.serving import artifact
 
 DEFAULT_SPLIT = "eval_cluttered"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
@@ -62,20 +60,21 @@ def export_encoders(model: towers.TigerFG, params: Any, config: ml_collections.C
   """
   one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
                                  sharding.MESH_AXES)
-  embed_query, embed_item = evaluate.make_embed_fns(model, one_device)
+  embed_query, embed_item = encoders.make_embed_fns(model, one_device)
   host_params = jax.device_get(params)
   embed_query = jax.jit(functools.partial(embed_query, host_params))
   embed_item = jax.jit(functools.partial(embed_item, host_params))
   b, = jax_export.symbolic_shape("b")
-  query, item = config.data.query_image_size, config.data.item_image_size
-  length = config.model.max_title_len
-  query_args = (jax.ShapeDtypeStruct((b, query, query, 3), jnp.uint8),)
-  item_args = (jax.ShapeDtypeStruct((b, item, item, 3), jnp.uint8),
-               jax.ShapeDtypeStruct((b, length), jnp.int32),
-               jax.ShapeDtypeStruct((b, length), jnp.bool_))
+  inputs = factory.dummy_batch(config, 1)
+
+  def symbolic(keys):
+    return [jax.ShapeDtypeStruct((b, *inputs[k].shape[1:]), inputs[k].dtype) for k in keys]
+
   return {
-      exported.QUERY_ENCODER: jax_export.export(embed_query, platforms=platforms)(*query_args),
-      exported.ITEM_ENCODER: jax_export.export(embed_item, platforms=platforms)(*item_args),
+      artifact.QUERY_ENCODER: jax_export.export(embed_query, platforms=platforms)(
+          *symbolic(retrieval.QUERY_KEYS)),
+      artifact.ITEM_ENCODER: jax_export.export(embed_item, platforms=platforms)(
+          *symbolic(retrieval.ITEM_KEYS)),
   }
 
 
@@ -83,25 +82,21 @@ def catalog_embeddings(model: towers.TigerFG, params: Any, tokenizer: TitleToken
                        split: pipeline.Split, config: ml_collections.ConfigDict,
                        mesh: jax.sharding.Mesh) -> np.ndarray:
   """float32 `[M, E]` item embeddings of `split`, computed as the evaluator does."""
-  _, embed_item = evaluate.make_embed_fns(model, mesh)
-  batches = pipeline.eval_item_batches(split, tokenizer, config.data,
-                                       batch_size=config.eval.batch_size,
-                                       max_title_len=config.model.max_title_len)
-  return evaluate.embed_batches(functools.partial(embed_item, params), batches,
-                                ("item_image", "title_tokens", "title_mask"),
-                                split.num_items, mesh, f"{split.name} items")
+  embed_query, embed_item = encoders.make_embed_fns(model, mesh)
+  item_emb, _ = retrieval.embed_split(split, params, embed_query, embed_item, tokenizer,
+                                      config, encoders.mesh_placer(mesh), queries=False)
+  return item_emb
 
 
 def load_catalog_split(config: ml_collections.ConfigDict, workdir: str, split_name: str,
                        data_root: str | None) -> pipeline.Split:
   """The validated catalog split, or a clear error listing the splits there are."""
-  root = data_root or catalog_root(config.data, workdir)
+  root = data_root or workdir_lib.data_root(config, workdir)
   if not os.path.isdir(os.path.join(root, split_name)):
     available = folder.eval_splits(root) if os.path.isdir(root) else []
     raise ValueError(f"--split={split_name!r}: no folder {os.path.join(root, split_name)}; "
                      f"the eval splits of {root} are {available}")
-  return pipeline.load_split(root, split_name, cache_dir=os.path.join(root, ".cache"),
-                             skip_bad=config.data.skip_bad)
+  return workdir_lib.load_split(config, workdir, split_name, root)
 
 
 def _git_commit() -> str | None:
@@ -131,12 +126,12 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
   """
   if os.path.exists(out):
     raise FileExistsError(f"--out={out} already exists; choose a new folder or delete it")
-  config = train.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   catalog = load_catalog_split(config, workdir, split, data_root)
-  tokenizer = TitleTokenizer.load(os.path.join(workdir, train.TOKENIZER_FILE))
+  tokenizer = workdir_lib.load_tokenizer(workdir)
   mesh = sharding.make_mesh(config.mesh)
-  model, params = train.load_run(workdir, mesh, tokenizer.vocab_size)
-  step = checkpointing.make_manager(os.path.join(workdir, "checkpoints")).latest_step()
+  model, params = workdir_lib.load_run(workdir, mesh, tokenizer.vocab_size)
+  step = workdir_lib.checkpoint_manager(workdir).latest_step()
   item_emb = catalog_embeddings(model, params, tokenizer, catalog, config, mesh)
   encoders = export_encoders(model, params, config, platforms)
 
@@ -148,9 +143,9 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
     for name, encoder in encoders.items():
       with open(os.path.join(tmp, name), "wb") as f:
         f.write(encoder.serialize())
-    for name in (train.TOKENIZER_FILE, train.CONFIG_FILE):
+    for name in (workdir_lib.TOKENIZER_FILE, workdir_lib.CONFIG_FILE):
       shutil.copyfile(os.path.join(workdir, name), os.path.join(tmp, name))
-    with open(os.path.join(tmp, exported.PREPROCESSING), "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp, artifact.PREPROCESSING), "w", encoding="utf-8") as f:
       json.dump({
           "query_image_size": config.data.query_image_size,
           "item_image_size": config.data.item_image_size,
@@ -161,17 +156,17 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
           "pixel_normalisation": "inside the encoders (uint8 0..255 in)",
           "catalog_split": split,
       }, f, indent=2)
-    exported.write_catalog(tmp, catalog.item_ids, catalog.titles)
+    artifact.write_catalog(tmp, catalog.item_ids, catalog.titles)
     index_lib.build(item_emb, catalog.item_ids, config.eval, backend="scann").save(
-        os.path.join(tmp, exported.INDEX_DIR))
-    manifest = exported.write_manifest(tmp, {
+        os.path.join(tmp, artifact.INDEX_DIR))
+    manifest = artifact.write_manifest(tmp, {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "source": {"workdir": os.path.abspath(workdir), "checkpoint_step": step,
                    "catalog_split": split, "num_items": catalog.num_items},
         "versions": _versions(),
         "encoders": {"platforms": list(platforms),
                      "calling_convention_version":
-                         encoders[exported.QUERY_ENCODER].calling_convention_version},
+                         encoders[artifact.QUERY_ENCODER].calling_convention_version},
     })
     os.rename(tmp, out)
   except BaseException:
@@ -180,21 +175,7 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
   return manifest
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    manifest = export_run(FLAGS.workdir, FLAGS.out, split=FLAGS.split,
-                          data_root=FLAGS.data_root, platforms=FLAGS.platforms)
-  except (OSError, ValueError) as e:
-    sys.exit(f"export: error: {e}")
-  print(f"wrote {FLAGS.out}: {manifest['source']['num_items']} catalog items of "
-        f"{manifest['source']['catalog_split']}, {len(manifest['files'])} files")
-
-
-if __name__ == "__main__":
-  # Flags are defined here, not at import, so that importing this module next to
-  # another entry point (tigerfg_jax.main also has --workdir) defines nothing twice.
+def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Workdir of a trained run.", required=True)
   flags.DEFINE_string("out", None, "Export directory to create (must not exist).",
                       required=True)
@@ -203,5 +184,20 @@ if __name__ == "__main__":
                       "run's data.root, or WORKDIR/data for the synthetic catalog).")
   flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
                     "Platforms the encoders are lowered for.")
-  FLAGS = flags.FLAGS
-  app.run(main)
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  args = flags.FLAGS
+  manifest = export_run(args.workdir, args.out, split=args.split,
+                        data_root=args.data_root, platforms=args.platforms)
+  print(f"wrote {args.out}: {manifest['source']['num_items']} catalog items of "
+        f"{manifest['source']['catalog_split']}, {len(manifest['files'])} files")
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg-export")
+
+
+if __name__ == "__main__":
+  run()

@@ -1,6 +1,6 @@
 r"""Pictures of the implicit grounding: where the title makes the item tower look.
 
-  python -m tigerfg_jax.visualize --workdir=DIR [--split=eval_cluttered] [--n=8] \
+  python -m tigerfg_jax.evaluation.attention_maps --workdir=DIR [--split=eval_cluttered] [--n=8] \
       [--seed=S] [--out=grid.png] [--cell=192]
 
 For the first N queries of a split (or N drawn with --seed), one figure row each: the
@@ -22,7 +22,10 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tigerfg_jax import train
+from absl import flags
+
+from tigerfg_jax import cli
+from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import augment, folder
 from tigerfg_jax.models import towers
 
@@ -209,15 +212,15 @@ def pick_queries(num_queries: int, n: int, seed: int | None) -> list[int]:
 def figure_rows(workdir: str, split_name: str, n: int,
                 seed: int | None = None) -> list[FigureRow]:
   """The FigureRows of n queries of `split_name`, with the run's attention maps."""
-  config = train.load_config(workdir)
-  _, splits = train.prepare_data(config, workdir)
-  if split_name not in splits:
-    raise ValueError(f"--split={split_name!r}: the run's dataset has splits {sorted(splits)}")
-  split = splits[split_name]
+  config, model, params, tokenizer = workdir_lib.load_trained(workdir)
+  root = workdir_lib.data_root(config, workdir)
+  if not os.path.isdir(os.path.join(root, split_name)):
+    raise ValueError(f"--split={split_name!r}: the run's dataset {root} has splits "
+                     f"{['train', *folder.eval_splits(root)]}")
+  split = workdir_lib.load_split(config, workdir, split_name, root)
   queries = pick_queries(split.num_queries, n, seed)
   if not queries:
     raise ValueError(f"split {split_name!r} has no queries")
-  model, params, tokenizer = train.load_trained(workdir)
   size = config.data.item_image_size
   item_rows = [split.query_positives[q][0] for q in queries]
   items = [np.asarray(folder.decode_rgb(split.items[row]["image"]), np.uint8)
@@ -242,17 +245,7 @@ def visualize(workdir: str, split: str, n: int, out: str, *, seed: int | None = 
   return rows
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  visualize(FLAGS.workdir, FLAGS.split, FLAGS.n, FLAGS.out, seed=FLAGS.seed,
-            layout=Layout(cell=FLAGS.cell))
-  print(f"wrote {FLAGS.out}")
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-
+def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "a trained run's workdir", required=True)
   flags.DEFINE_string("split", "eval_cluttered", "split whose queries are shown")
   flags.DEFINE_integer("n", 8, "number of queries (rows)")
@@ -260,5 +253,19 @@ if __name__ == "__main__":
                        "(default: the first n)")
   flags.DEFINE_string("out", "grid.png", "output PNG")
   flags.DEFINE_integer("cell", 192, "side of each image cell in pixels")
-  FLAGS = flags.FLAGS
-  app.run(main)
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  args = flags.FLAGS
+  visualize(args.workdir, args.split, args.n, args.out, seed=args.seed,
+            layout=Layout(cell=args.cell))
+  print(f"wrote {args.out}")
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg_jax.evaluation.attention_maps")
+
+
+if __name__ == "__main__":
+  run()

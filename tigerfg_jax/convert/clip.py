@@ -1,4 +1,5 @@
-r"""Imports a CLIP checkpoint into a tigerfg_jax workdir (DESIGN.md section 6).
+r"""Imports a CLIP checkpoint into a tigerfg_jax workdir (docs/ARCHITECTURE.md
+"Converting checkpoints").
 
   python -m tigerfg_jax.convert --checkpoint=PATH --config=configs/distill.py[:preset] \
       --out=DIR [--allow_pickle] [--config.KEY=VALUE ...]
@@ -6,13 +7,13 @@ r"""Imports a CLIP checkpoint into a tigerfg_jax workdir (DESIGN.md section 6).
 PATH: a Hugging Face `CLIPModel` folder (`model.safetensors` + `config.json`, as
 `save_pretrained` writes it), a `.safetensors` file, or a PyTorch state dict
 (`.bin` / `.pt` / `.pth`, Hugging Face or open_clip ViT layout; see
-`convert_clip_layout`). Pickled files run code when read, so they are refused unless
+`convert.clip_layout`). Pickled files run code when read, so they are refused unless
 `--allow_pickle` (then read with `torch.load(weights_only=True)`). Nothing is downloaded.
 
-DIR receives what a training run would have written before its first step:
-`config.json`, `tokenizer.json` (a copy of `config.data.tokenizer`, when set),
-`checkpoints/0` (the train state at step 0 with the CLIP weights in place, a fresh
-optimizer state and the fresh input-pipeline state) and `convert_report.json` (which
+DIR receives a run folder before its first step (`tigerfg_jax.workdir`): `config.json`,
+`tokenizer.json` (a copy of `config.data.tokenizer`, when set), `init_params/` (the
+model's params with the CLIP weights in place; a run on DIR starts from them with a
+fresh optimizer and input pipeline) and `convert_report.json` (which
 parameters were loaded, zero-filled or newly initialised; which checkpoint tensors
 were dropped as having no effect, and which went unused).
 Then `python -m tigerfg_jax.main --config=<the same> --workdir=DIR` trains from the
@@ -44,29 +45,26 @@ import os
 import sys
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from tigerfg_jax import checkpointing
+from tigerfg_jax import cli
 from tigerfg_jax import config_lib
-from tigerfg_jax import convert_clip_layout as layout
 from tigerfg_jax import sharding
-from tigerfg_jax import train
-from tigerfg_jax.convert_clip_layout import ConversionError
+from tigerfg_jax import workdir as workdir_lib
+from tigerfg_jax.convert import clip_layout as layout
+from tigerfg_jax.convert.clip_layout import ConversionError
 from tigerfg_jax.data.tokenizer import TitleTokenizer
+from tigerfg_jax.models import factory
 
 REPORT_FILE = "convert_report.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-# `pipeline.train_iterator(...).get_state()` before the first batch when the input
-# pipeline runs in-process (data.worker_count == 0); multiprocess Grain iterators keep
-# a state whose layout depends on the worker count.
-FRESH_ITERATOR_STATE = {"next_index": 0}
 # Hugging Face `hidden_act` / open_clip `quick_gelu` -> `config.model.mlp_activation`.
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 # nn.LayerNorm's default, used by every CLIP layout unless its config says otherwise.
@@ -230,7 +228,7 @@ def check_model_options(model_config: ml_collections.ConfigDict,
 
 def flat_params(tree: Any) -> dict[str, Any]:
   """`{'vision/cls': leaf, ...}`: a parameter tree keyed by slash-joined paths."""
-  return {checkpointing._path_name(p): leaf  # pylint: disable=protected-access
+  return {workdir_lib.path_name(p): leaf
           for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -347,6 +345,14 @@ def _vocab_size(state: dict[str, np.ndarray], tokenizer: TitleTokenizer | None) 
   return int(state[layout.TEXT_ANCHOR].shape[0])
 
 
+def fresh_params(model, config: ml_collections.ConfigDict, abstract: Any) -> Any:
+  """A fresh init of `model`'s params (seed `config.seed`), laid out as `abstract`."""
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  init = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, factory.dummy_batch(config, 2))
+                                           )["params"], out_shardings=shardings)
+  return init(jax.random.PRNGKey(config.seed))
+
+
 def convert(checkpoint: str, config: ml_collections.ConfigDict, out: str, *,
             allow_pickle: bool = False) -> dict[str, Any]:
   """Writes the workdir `out` from a CLIP checkpoint; returns the report (also saved).
@@ -357,13 +363,9 @@ def convert(checkpoint: str, config: ml_collections.ConfigDict, out: str, *,
   """
   config = config.copy_and_resolve_references()
   config_lib.validate(config)
-  if config.data.worker_count:
-    raise ConversionError(
-        f"config.data.worker_count={config.data.worker_count}: the converted checkpoint "
-        "holds the state of a fresh in-process input pipeline; convert and train with "
-        "data.worker_count=0")
-  if os.path.isdir(os.path.join(out, "checkpoints")):
-    raise ConversionError(f"--out={out} already holds checkpoints; choose a new folder")
+  if (os.path.isdir(os.path.join(out, workdir_lib.CHECKPOINTS_DIR))
+      or workdir_lib.has_init_params(out)):
+    raise ConversionError(f"--out={out} already holds a run; choose a new folder")
 
   weights, config_path = find_checkpoint(checkpoint)
   source_layout, state = layout.to_huggingface(read_state_dict(weights, allow_pickle),
@@ -373,29 +375,24 @@ def convert(checkpoint: str, config: ml_collections.ConfigDict, out: str, *,
                else None)
   vocab_size = _vocab_size(state, tokenizer)
 
-  mesh = sharding.make_mesh(config.mesh)
-  trainer = train.make_trainer(config, mesh, vocab_size)
-  targets = {p: tuple(a.shape) for p, a in flat_params(trainer.abstract_state.params).items()}
+  model = factory.build_model(config, vocab_size)
+  abstract = sharding.abstract_params(model, config, sharding.make_mesh(config.mesh))
+  targets = {p: tuple(a.shape) for p, a in flat_params(abstract).items()}
   entries, dropped = plan(targets, state, facts)
   built = build_params(entries, targets, state)
   check_model_options(config.model, required_model_options(state, facts))
 
-  fresh = trainer.init(jax.random.PRNGKey(config.seed))
+  fresh = fresh_params(model, config, abstract)
   params = jax.tree_util.tree_unflatten(
-      jax.tree_util.tree_structure(fresh.params),
+      jax.tree_util.tree_structure(fresh),
       [jax.device_put(built[name], leaf.sharding) if name in built else leaf
-       for name, leaf in flat_params(fresh.params).items()])
-  state_0 = fresh.replace(params=params)
+       for name, leaf in flat_params(fresh).items()])
 
   os.makedirs(out, exist_ok=True)
-  train.save_config(config, out)
+  workdir_lib.save_config(config, out)
   if tokenizer is not None:
-    tokenizer.save(os.path.join(out, train.TOKENIZER_FILE))
-  manager = checkpointing.make_manager(os.path.join(out, "checkpoints"),
-                                       config.train.keep_checkpoints)
-  checkpointing.save(manager, 0, state_0, FRESH_ITERATOR_STATE)
-  manager.wait_until_finished()
-  manager.close()
+    tokenizer.save(os.path.join(out, workdir_lib.TOKENIZER_FILE))
+  workdir_lib.save_init_params(out, params)
 
   report = _report(checkpoint, weights, source_layout, entries, dropped, targets, state,
                    facts, vocab_size, tokenizer is not None)
@@ -470,28 +467,25 @@ def format_report(report: dict[str, Any], out: str) -> str:
 
 # ------------------------------------------------------------------------- CLI ---
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Orbax logs every save step at INFO; the report printed at the end says what happened.
-  logging.set_verbosity(logging.WARNING)
-  try:
-    convert(FLAGS.checkpoint, FLAGS.config, FLAGS.out, allow_pickle=FLAGS.allow_pickle)
-  except (OSError, ValueError) as error:
-    sys.exit(f"convert: error: {error}")
-
-
-if __name__ == "__main__":
-  # Flags are defined here, not at import, so that importing this module next to
-  # another entry point (tigerfg_jax.main also has --config) defines nothing twice.
+def define_flags() -> None:
   flags.DEFINE_string("checkpoint", None, "CLIP weights: file or folder.", required=True)
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config file, e.g. configs/distill.py[:preset].",
       lock_config=True)
-  flags.DEFINE_string("out", None, "Workdir to write (must not hold checkpoints).",
+  flags.DEFINE_string("out", None, "Workdir to write (must not hold a run).",
                       required=True)
   flags.DEFINE_bool("allow_pickle", False,
                     "Read pickled .bin/.pt/.pth files (torch.load(weights_only=True)).")
   flags.mark_flags_as_required(["config"])
-  FLAGS = flags.FLAGS
-  app.run(main)
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  # Orbax logs every save step at INFO; the report printed at the end says what happened.
+  logging.set_verbosity(logging.WARNING)
+  args = flags.FLAGS
+  convert(args.checkpoint, args.config, args.out, allow_pickle=args.allow_pickle)
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg_jax.convert")

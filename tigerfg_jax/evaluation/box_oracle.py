@@ -1,0 +1,146 @@
+r"""How much the title-only attention loses against perfect grounding.
+
+  python -m tigerfg_jax.evaluation.box_oracle --workdir=DIR \
+      [--splits=eval_cluttered,eval_normal]
+
+Evaluates a trained run's latest checkpoint on each eval split twice: as deployed (the
+text-guided pooling reads every patch) and with each item's pooling restricted to the
+patches its ground-truth box covers (the privileged teacher's `region_mask`). Same
+features, perfect grounding: the gap between the two rows is what the attention loses.
+An item's box is the box of a query whose first positive it is; an item without one
+reads every patch. Search is exact (NumPy inner products), so the numbers do not depend
+on an index backend. As a plug-in evaluator (`config.evals.box_oracle`) it runs during
+training too and writes `eval/box_oracle.json` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from tigerfg_jax import cli
+
+from tigerfg_jax import sharding
+from tigerfg_jax import workdir as workdir_lib
+from tigerfg_jax.data import pipeline
+from tigerfg_jax.data import spatial
+from tigerfg_jax.data.tokenizer import TitleTokenizer
+from tigerfg_jax.evaluation import embedding, encoders, retrieval, retrieval_metrics
+from tigerfg_jax.models import towers
+
+RESULTS_FILE = "box_oracle.json"
+
+
+def item_region_masks(split: pipeline.Split, grid: int) -> np.ndarray:
+  """bool `[num_items, grid * grid]`: the patches each item's box covers (all without)."""
+  boxes = np.zeros((split.num_items, 4), np.float32)
+  has_box = np.zeros(split.num_items, bool)
+  for positives, box in zip(split.query_positives, split.query_boxes):
+    row = positives[0]
+    if box is not None and not has_box[row]:
+      boxes[row] = spatial.normalize_box(box, *split.item_sizes[row])
+      has_box[row] = True
+  return spatial.patch_targets(boxes, has_box, grid) > 0
+
+
+def _with_region(batches, masks: np.ndarray):
+  """The item batches with `region_mask` bool `[B, N]` (padding rows: all True)."""
+  for batch in batches:
+    region = masks[np.maximum(batch["index"], 0)] | ~batch["valid"][:, None]
+    yield dict(batch, region_mask=region)
+
+
+class BoxOracleEvaluator:
+  """`{split: {'deployed': metrics, 'box': metrics}}` (`config.evals.box_oracle`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: towers.TigerFG,
+               tokenizer: TitleTokenizer, splits: dict[str, pipeline.Split],
+               mesh: jax.sharding.Mesh, workdir: str):
+    if config.model.mode != "tiger":
+      raise ValueError(f"model.mode={config.model.mode!r}: the box oracle restricts the "
+                       "text-guided pooling of a 'tiger' model (set "
+                       "--config.evals.box_oracle.at_end=false)")
+    self.config, self.tokenizer, self.splits = config, tokenizer, splits
+    self.out_path = os.path.join(workdir, workdir_lib.EVAL_DIR, RESULTS_FILE)
+    self.embed_query, self.embed_item = encoders.make_embed_fns(model, mesh)
+    self.place = encoders.mesh_placer(mesh)
+
+  def split_recalls(self, params: Any, split: pipeline.Split) -> dict[str, dict]:
+    config = self.config
+    batch_size = config.eval.batch_size
+    grid = config.data.item_image_size // config.model.patch_size
+    query_emb = embedding.embed_batches(
+        lambda x: self.embed_query(params, x),
+        pipeline.eval_query_batches(split, config.data, batch_size=batch_size),
+        retrieval.QUERY_KEYS, split.num_queries, place=self.place)
+    items = pipeline.eval_item_batches(split, self.tokenizer, config.data,
+                                       batch_size=batch_size,
+                                       max_title_len=config.model.max_title_len)
+    boxed = item_region_masks(split, grid)
+    k = min(retrieval.TOP_K, split.num_items)
+    results = {}
+    for name, region in (("deployed", np.ones_like(boxed)), ("box", boxed)):
+      item_emb = embedding.embed_batches(
+          lambda *x: self.embed_item(params, *x), _with_region(items, region),
+          (*retrieval.ITEM_KEYS, "region_mask"), split.num_items, place=self.place)
+      ranked = np.argsort(-(query_emb @ item_emb.T), axis=1, kind="stable")[:, :k]
+      results[name] = retrieval_metrics.retrieval_metrics(ranked, split.query_positives)
+    return results
+
+  def run(self, params: Any, *, final: bool) -> dict[str, dict[str, dict]]:
+    results = {name: self.split_recalls(params, split) for name, split in self.splits.items()}
+    if final and jax.process_index() == 0:
+      os.makedirs(os.path.dirname(self.out_path), exist_ok=True)
+      with open(self.out_path, "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+  @staticmethod
+  def scalars(results: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """`{'<split>/<deployed|box>/R@k': %}` for the training log."""
+    return {f"{split}/{row}/{metric}": value for split, rows in results.items()
+            for row, values in rows.items() for metric, value in values.items()
+            if isinstance(value, float)}
+
+
+def box_oracle(workdir: str, splits: Sequence[str]) -> dict[str, dict[str, dict]]:
+  """`{split: {'deployed': metrics, 'box': metrics}}` for a trained run's workdir."""
+  config, model, params, tokenizer = workdir_lib.load_trained(workdir)
+  loaded = {name: workdir_lib.load_split(config, workdir, name) for name in splits}
+  evaluator = BoxOracleEvaluator(config, model, tokenizer, loaded,
+                                 sharding.make_mesh(config.mesh), workdir)
+  return evaluator.run(params, final=False)
+
+
+def format_results(results: dict[str, dict[str, dict]]) -> str:
+  lines = ["| split | pooling reads | R@1 | R@5 | R@10 |", "|---|---|---|---|---|"]
+  for split, rows in results.items():
+    for name, row in rows.items():
+      reads = "every patch (deployed)" if name == "deployed" else "the true box only"
+      lines.append(f"| {split} | {reads} | {row['R@1']:.2f} | {row['R@5']:.2f} | "
+                   f"{row['R@10']:.2f} |")
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "a trained run's workdir", required=True)
+  flags.DEFINE_list("splits", ["eval_cluttered", "eval_normal"], "eval splits")
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  print(format_results(box_oracle(flags.FLAGS.workdir, flags.FLAGS.splits)))
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg_jax.evaluation.box_oracle")
+
+
+if __name__ == "__main__":
+  run()
