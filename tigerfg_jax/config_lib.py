@@ -104,8 +104,12 @@ def _data_config(preset: str) -> ml_collections.ConfigDict:
       # Dataset folder (DESIGN.md section 4). None: write the synthetic catalog to
       # WORKDIR/data and use it.
       root=ml_collections.FieldReference(None, field_type=str),
+      # Where ingestion writes the ArrayRecord cache. None: <root>/.cache; set it when
+      # the dataset folder is read-only.
+      cache_dir=ml_collections.FieldReference(None, field_type=str),
       synthetic_items=items,        # products in the synthetic train split.
-      synthetic_eval_items=eval_items,  # items of each eval split (0: a quarter of train).
+      # Items of each eval split (0: max(items // 4, min(items, 50))).
+      synthetic_eval_items=eval_items,
       # Cluttered images: a grid x grid layout, one product per cell. 2 at 64 px keeps a
       # target at 3-4 patches a side, as 0.3 of a 224 px image is at 16 px patches.
       synthetic_clutter_grid=clutter_grid,
