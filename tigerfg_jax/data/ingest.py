@@ -9,9 +9,9 @@ every record keeps its `row` (its index in the folder's valid lines) and the cac
 the row -> record map; `RecordSource` reads by row.
 
 Cache entry: `<cache_dir>/<split>-<fingerprint>/` (`cache_dir` defaults to
-`<root>/.cache`; `data.cache_dir` moves it out of a read-only dataset folder) with `items/`, `queries/` (tfds data
-dirs) and `metadata.json` (ids, titles, positives, boxes, skipped problems, shard
-sizes, row -> record maps). The fingerprint covers the jsonl contents, every file's
+`<root>/.cache`; `data.cache_dir` moves it out of a read-only dataset folder) with
+`items/`, `queries/` (tfds data dirs) and `metadata.json` (ids, titles, positives,
+boxes, skipped problems, shard sizes, row -> record maps). The fingerprint covers the jsonl contents, every file's
 path, size and mtime under the split folder, and `skip_bad`; an entry is built in a
 temporary folder and renamed into place, so a reader never sees half an entry.
 """
@@ -184,7 +184,8 @@ def _quiet_tfds():
   and three progress bars per table say nothing a user of a split needs; `ingest` logs
   one line per split instead. Restores absl's verbosity and tfds' progress-bar switch
   (a module global, read there) afterwards."""
-  verbosity, bars = absl_logging.get_verbosity(), tqdm_utils._active  # pylint: disable=protected-access
+  verbosity = absl_logging.get_verbosity()
+  bars = tqdm_utils._active  # pylint: disable=protected-access
   absl_logging.set_verbosity(absl_logging.WARNING)
   tfds.display_progress_bar(False)
   try:
