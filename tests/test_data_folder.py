@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+
+from absl import logging as absl_logging
 
 import numpy as np
 import pytest
@@ -76,13 +79,17 @@ def test_hand_written_folder_reads(shop):
   assert records.skipped == []
 
 
-def test_corrupt_jpeg(shop):
+@pytest.mark.parametrize("data, reason", [
+    (b"\xff\xd8\xff\xe0 not really a jpeg", "Truncated File Read"),
+    (b"plain text, no image header", "not in an image format Pillow reads (or damaged)")])
+def test_corrupt_image_names_the_file(shop, data, reason):
   split_dir, root = shop
   with open(os.path.join(split_dir, "img", "i1.png"), "wb") as f:
-    f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    f.write(data)
   error = _problems(root)
-  assert f"{split_dir}/items.jsonl:2" in str(error)
-  assert "cannot decode image" in str(error) and "i1.png" in str(error)
+  image = os.path.join(split_dir, "img", "i1.png")
+  assert error.problems[0] == f"{split_dir}/items.jsonl:2: cannot decode image {image}: {reason}"
+  assert "BytesIO" not in str(error)
 
 
 def test_missing_image(shop):
@@ -129,6 +136,132 @@ def test_non_utf8_and_bad_json_and_duplicates(shop):
   assert f"{items}:2: not UTF-8" in text
   assert f"{items}:3: bad JSON" in text
   assert f"{items}:4: duplicate item_id 'a' (first on line 1)" in text
+
+
+@pytest.mark.parametrize("empty", [["items.jsonl"], ["queries.jsonl"],
+                                   ["items.jsonl", "queries.jsonl"]])
+def test_empty_file_is_one_line(shop, empty):
+  split_dir, root = shop
+  for name in empty:
+    with open(os.path.join(split_dir, name), "w", encoding="utf-8") as f:
+      f.write("\n  \n")
+  for skip_bad in (False, True):
+    with pytest.raises(folder.DatasetError) as error:
+      folder.read_split(root, "shop", skip_bad=skip_bad)
+    assert error.value.problems == [
+        f"{split_dir}/{name}: file is empty; expected one JSON object per line (docs/DATA.md)"
+        for name in empty]
+
+
+def test_invalid_item_is_called_skipped_only_when_skipped(shop):
+  split_dir, root = shop
+  _edit_line(os.path.join(split_dir, "items.jsonl"), 2,
+             json.dumps({"item_id": "b", "image": "img/nope.png", "title": "t"}))
+  error = _problems(root)
+  assert f"{split_dir}/queries.jsonl:3: item_id 'b' is invalid (see items.jsonl:2)" in (
+      error.problems)
+  assert "skipped" not in " ".join(error.problems)
+  assert f"({folder.SKIP_BAD_FLAG} skips the bad records)" in str(error)
+  assert folder.SKIP_BAD_FLAG == "--config.data.skip_bad=true"
+  records = folder.read_split(root, "shop", skip_bad=True)
+  assert f"{split_dir}/queries.jsonl:3: item_id 'b' is invalid (skipped)" in records.skipped
+
+
+def _bad_root(tmp_path):
+  """train and eval_a fine, eval_b with a bad box, eval_c with an empty queries file."""
+  root = str(tmp_path / "data")
+  for name in ("train", "eval_a", "eval_b", "eval_c"):
+    shutil.copytree(_hand_written(str(tmp_path / "src" / name)), os.path.join(root, name))
+  _edit_line(os.path.join(root, "eval_b", "queries.jsonl"), 1,
+             json.dumps({"query_id": "q0", "image": "q/q0.jpg", "item_ids": ["a"],
+                         "box": [0, 0, 99, 5]}))
+  open(os.path.join(root, "eval_c", "queries.jsonl"), "w").close()
+  return root
+
+
+def test_read_splits_reports_every_bad_split(tmp_path):
+  root = _bad_root(tmp_path)
+  with pytest.raises(folder.DatasetError) as error:
+    folder.read_splits(root)
+  text = str(error.value)
+  assert text.startswith(f"2 of 4 split(s) of {root} are invalid:")
+  assert len(error.value.problems) == 2
+  assert error.value.problems[0].startswith(f"{root}/eval_b/queries.jsonl:1: box [0, 0, 99, 5]")
+  assert error.value.problems[1].startswith(f"{root}/eval_c/queries.jsonl: file is empty")
+  assert "eval_a" not in text and "/train" not in text
+  shutil.rmtree(os.path.join(root, "eval_b"))
+  shutil.rmtree(os.path.join(root, "eval_c"))
+  assert list(folder.read_splits(root)) == ["train", "eval_a"]
+  with pytest.raises(folder.DatasetError, match="dataset folder does not exist"):
+    folder.read_splits(str(tmp_path / "nowhere"))
+
+
+def test_load_splits_reports_every_bad_split(tmp_path):
+  root = _bad_root(tmp_path)
+  cache = str(tmp_path / "cache")
+  with pytest.raises(folder.DatasetError) as error:
+    pipeline.load_splits(root, cache_dir=cache)
+  assert [p.split(":")[0] for p in error.value.problems] == [
+      f"{root}/eval_b/queries.jsonl", f"{root}/eval_c/queries.jsonl"]
+  os.remove(os.path.join(root, "eval_c", "queries.jsonl"))
+  with pytest.raises(folder.DatasetError) as error:
+    pipeline.load_splits(root, cache_dir=cache, skip_bad=True)
+  assert error.value.problems == [f"{root}/eval_c/queries.jsonl: missing; a split folder needs "
+                                  "items.jsonl and queries.jsonl (docs/DATA.md)"]
+  shutil.rmtree(os.path.join(root, "eval_c"))
+  splits = pipeline.load_splits(root, cache_dir=cache, skip_bad=True)
+  assert list(splits) == ["train", "eval_a", "eval_b"]
+  assert splits["eval_b"].query_ids == ["q1", "q2"] and len(splits["eval_b"].skipped) == 1
+
+
+def _tree(root):
+  return sorted((os.path.relpath(os.path.join(d, n), root), os.path.getmtime(os.path.join(d, n)))
+                for d, _, names in os.walk(root) for n in names)
+
+
+def test_read_only_dataset_needs_cache_dir_elsewhere(shop, tmp_path_factory):
+  split_dir, root = shop
+  before = _tree(root)
+  modes = {path: os.stat(path).st_mode for path in (root, split_dir)}
+  for path in modes:
+    os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
+  try:
+    if os.access(root, os.W_OK):
+      # Root ignores permissions: a file where the default cache folder goes blocks it.
+      os.chmod(root, modes[root])
+      open(os.path.join(root, ".cache"), "w").close()
+      before = _tree(root)
+      os.chmod(root, stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(folder.DatasetError) as error:
+      pipeline.load_split(root, "shop")
+    assert str(error.value).startswith(
+        f"{root}/.cache: cannot write the ArrayRecord cache there (")
+    assert str(error.value).endswith(
+        "; pass --config.data.cache_dir=A_WRITABLE_FOLDER to keep it elsewhere")
+    split = pipeline.load_split(root, "shop", cache_dir=str(tmp_path_factory.mktemp("elsewhere")))
+    assert split.item_ids == ["a", "b", "c", "d"] and split.items[3]["item_id"] == b"d"
+    assert _tree(root) == before
+  finally:
+    for path, mode in modes.items():
+      os.chmod(path, mode)
+
+
+def test_ingestion_prints_nothing_from_tfds(shop, capfd, caplog):
+  split_dir, root = shop
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    with caplog.at_level("INFO"):
+      ingest.ingest(root, "shop", cache_dir=os.path.join(root, "cache"))
+    assert absl_logging.get_verbosity() == absl_logging.INFO
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  out, err = capfd.readouterr()
+  logged = "\n".join(r.getMessage() for r in caplog.records)
+  for text in (out, err, logged):
+    assert "Downloading and preparing" not in text and "downloaded and prepared" not in text
+    assert "Generating dataset" not in text and "examples/s" not in text
+  assert "ingested" in logged  # INFO logs do reach caplog: the check above can fail.
 
 
 def test_missing_queries_file(shop):

@@ -68,7 +68,22 @@ def test_splits_titles_and_queries(catalog):
       assert query["item_ids"] and set(query["item_ids"]) <= ids
       assert len(query["box"]) == 4
   assert synthetic.eval_split_items(400) == 100
+  assert synthetic.eval_split_items(120) == 50
   assert synthetic.eval_split_items(24) == 24
+
+
+def test_ids_are_unique_across_splits(tmp_path):
+  synthetic.write_catalog(str(tmp_path), seed=1, items=9, image_size=16, one_to_many=True)
+  item_ids, query_ids = [], []
+  for split in synthetic.SPLITS:
+    items = _lines(str(tmp_path / split / "items.jsonl"))
+    queries = _lines(str(tmp_path / split / "queries.jsonl"))
+    item_ids += [i["item_id"] for i in items]
+    query_ids += [q["query_id"] for q in queries]
+    own = {i["item_id"] for i in items}
+    assert all(set(q["item_ids"]) <= own for q in queries)
+  assert len(set(item_ids)) == len(item_ids) == 27  # eval splits default to all 9 here.
+  assert len(set(query_ids)) == len(query_ids) == len(item_ids)
 
 
 def test_normal_box_encloses_the_product(catalog):
@@ -139,14 +154,55 @@ def test_titles_name_the_pattern_as_often_as_asked(tmp_path):
     assert long_title.startswith(words), (long_title, short_title)
 
 
-def test_cli_writes_the_catalog(tmp_path):
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "tigerfg_jax.data.synthetic", *args],
+                        cwd=_REPO, capture_output=True, text=True, check=False)
+
+
+def test_cli_writes_the_catalog_once(tmp_path):
   out = tmp_path / "cli"
-  subprocess.run([sys.executable, "-m", "tigerfg_jax.data.synthetic", f"--out={out}",
-                  "--items=6", "--image_size=32", "--seed=2"], check=True, cwd=_REPO,
-                 capture_output=True)
+  out.mkdir()  # An empty folder is taken.
+  written = _cli(f"--out={out}", "--items=6", "--image_size=32", "--seed=2")
+  assert written.returncode == 0, written.stderr
   direct = tmp_path / "direct"
   synthetic.write_catalog(str(direct), seed=2, items=6, image_size=32)
+  os.remove(out / synthetic.CATALOG_MARKER)
   assert _tree_digest(str(out)) == _tree_digest(str(direct))
+  synthetic.write_catalog_once(str(tmp_path / "once"), seed=2, items=6, image_size=32)
+  digest = _tree_digest(str(tmp_path / "once"))
+  # The same catalog again (eval_items spelled out): left as it is.
+  again = _cli(f"--out={tmp_path / 'once'}", "--items=6", "--image_size=32", "--seed=2",
+               "--eval_items=6")
+  assert again.returncode == 0 and "already holds this catalog" in again.stdout
+  assert _tree_digest(str(tmp_path / "once")) == digest
+  # Other parameters: refused in one line naming the folder and both values, nothing mixed.
+  other = _cli(f"--out={tmp_path / 'once'}", "--items=6", "--image_size=48", "--seed=2")
+  assert other.returncode != 0 and "Traceback" not in other.stderr
+  assert other.stderr.splitlines() == [
+      f"error: {tmp_path / 'once'} holds a synthetic catalog written with image_size=32, not "
+      f"image_size=48; use another folder, or delete {tmp_path / 'once'} to write the new one"]
+  assert _tree_digest(str(tmp_path / "once")) == digest
+  # A folder holding something else is refused too.
+  (tmp_path / "user").mkdir()
+  (tmp_path / "user" / "a.txt").write_text("x")
+  foreign = _cli(f"--out={tmp_path / 'user'}", "--items=6", "--image_size=32")
+  assert foreign.returncode != 0 and "has no synthetic.json" in foreign.stderr
+  assert os.listdir(tmp_path / "user") == ["a.txt"]
+
+
+def test_cli_prints_one_line_per_error(tmp_path):
+  out = tmp_path / "bad"
+  result = _cli(f"--out={out}", "--items=0", "--eval_items=-1", "--image_size=8")
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  lines = result.stderr.splitlines()
+  assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+  assert "items=0" in lines[0] and "eval_items=-1" in lines[1] and "image_size=8" in lines[2]
+  assert not out.exists()
+
+
+def test_cli_help_matches_the_default_eval_items():
+  result = _cli("--help")
+  assert "max(items // 4, min(items, 50))" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("grid", [2, 3])
@@ -163,9 +219,35 @@ def test_eval_items_sets_the_eval_split_size(tmp_path):
   counts = {split: len(_lines(str(tmp_path / split / "items.jsonl")))
             for split in synthetic.SPLITS}
   assert counts == {"train": 9, "eval_normal": 4, "eval_cluttered": 4}
-  with pytest.raises(ValueError, match="eval_items >= 1"):
+  with pytest.raises(synthetic.CatalogError, match="eval_items=0: each eval split"):
     synthetic.write_catalog(str(tmp_path / "bad"), seed=2, items=9, image_size=16,
                             eval_items=0)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(items=0), "items=0: the train split needs at least 1 item"),
+    (dict(eval_items=-3), "eval_items=-3:"),
+    (dict(image_size=12), "image_size=12: too small"),
+    (dict(image_size=20, clutter_grid=3), "image_size=20: too small; need at least 16 and "
+     "8 px per cell of the 3 x 3 clutter grid (24 px)"),
+    (dict(clutter_grid=1), "clutter_grid=1:"),
+    (dict(seed=-1), "seed=-1:"),
+    (dict(title_pattern_prob=1.5), "title_pattern_prob=1.5:"),
+])
+def test_impossible_sizes_are_refused_before_writing(tmp_path, params, message):
+  out = tmp_path / "out"
+  with pytest.raises(synthetic.CatalogError) as error:
+    synthetic.write_catalog(str(out), **dict(dict(seed=0, items=4, image_size=16), **params))
+  assert str(error.value).splitlines() == [str(error.value).splitlines()[0]]
+  assert message in str(error.value)
+  assert not out.exists()
+
+
+def test_write_catalog_refuses_a_non_empty_folder(tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(synthetic.CatalogError, match=f"{tmp_path}: not empty"):
+    synthetic.write_catalog(str(tmp_path), seed=0, items=2, image_size=16)
+  assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_catalog_root_writes_once_and_checks_params(tmp_path):
@@ -180,7 +262,10 @@ def test_catalog_root_writes_once_and_checks_params(tmp_path):
   assert os.path.getmtime(os.path.join(root, "train", "items.jsonl")) == marker_time
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".data-")]
   config.synthetic_items = 7
-  with pytest.raises(ValueError, match="synthetic catalog written with"):
+  with pytest.raises(synthetic.CatalogError) as error:
     synthetic.catalog_root(config, str(tmp_path))
+  assert str(error.value) == (
+      f"{root} holds a synthetic catalog written with items=6, not items=7; use another "
+      f"folder, or delete {root} to write the new one")
   config.root = "/some/user/root"
   assert synthetic.catalog_root(config, str(tmp_path)) == "/some/user/root"

@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tigerfg_jax"
 ALLOWED = {
     "cli": set(),
     "index": set(),
-    "data": set(),
+    "data": {"cli"},
     "models": {"cli"},
     "losses": {"models"},
     "sharding": {"models"},

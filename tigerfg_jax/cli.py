@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 
 USER_ERRORS = (ValueError, OSError, KeyError)
-HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-?")
 
 
 def no_arguments(argv: list[str]) -> None:
@@ -42,6 +42,7 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None],
 
   def parse(argv: list[str]) -> list[str]:
     if any(arg in HELP_FLAGS for arg in argv[1:]):
+      print((sys.modules[main.__module__].__doc__ or "").strip() + "\n")
       print(flags.FLAGS.main_module_help())
       sys.exit(0)
     try:

@@ -75,7 +75,8 @@ class Preset:
   item_image_size: int
   query_image_size: int
   synthetic_items: int          # products in the synthetic train split.
-  synthetic_eval_items: int     # items of each synthetic eval split (0: a quarter of train).
+  synthetic_eval_items: int     # items of each synthetic eval split (0: max(items // 4,
+                                # min(items, 50))).
   clutter_grid: int             # cells per side of a synthetic cluttered image.
   mosaic_prob: float
   # Training.
@@ -146,6 +147,9 @@ def _data_config(p: Preset) -> ml_collections.ConfigDict:
       # Dataset folder (docs/DATA.md). None: write the synthetic catalog to
       # WORKDIR/data and use it.
       root=ml_collections.FieldReference(None, field_type=str),
+      # Where ingestion writes the ArrayRecord cache. None: <root>/.cache; set it when
+      # the dataset folder is read-only.
+      cache_dir=ml_collections.FieldReference(None, field_type=str),
       synthetic_items=p.synthetic_items,
       synthetic_eval_items=p.synthetic_eval_items,
       # Cluttered images: a grid x grid layout, one product per cell.

@@ -169,8 +169,14 @@ def load_split(config: ml_collections.ConfigDict, workdir: str, name: str,
                root: str | None = None) -> pipeline.Split:
   """The validated split `name` of the run's dataset (or of `root`), ingested once."""
   root = root or data_root(config, workdir)
-  return pipeline.load_split(root, name, cache_dir=os.path.join(root, ".cache"),
+  return pipeline.load_split(root, name, cache_dir=config.data.cache_dir,
                              skip_bad=config.data.skip_bad)
+
+
+def load_splits(config: ml_collections.ConfigDict, root: str) -> dict[str, pipeline.Split]:
+  """`train` and every `eval*` split of `root`; one DatasetError lists all problems."""
+  return pipeline.load_splits(root, cache_dir=config.data.cache_dir,
+                              skip_bad=config.data.skip_bad)
 
 
 def load_tokenizer(workdir: str) -> TitleTokenizer:

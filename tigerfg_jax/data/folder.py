@@ -9,7 +9,8 @@ the image of `item_ids[0]` (continuous coordinates: 0 <= x0 < x1 <= width). Ever
 and every image is checked (images are decoded); each problem names the file, the line
 and what was expected. By default any problem raises one `DatasetError` listing them
 all; `skip_bad=True` drops the bad lines instead and reports how many and why. A query
-whose positive item was dropped is dropped too.
+whose positive item was dropped is dropped too. `read_splits` checks every split of a
+root and reports the problems of all of them together.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ ITEMS_FILE = "items.jsonl"
 QUERIES_FILE = "queries.jsonl"
 # Problems quoted in full in a DatasetError / skip report; the rest are counted.
 _MAX_LISTED = 20
+SKIP_BAD_FLAG = "--config.data.skip_bad=true"
 
 
 class DatasetError(ValueError):
@@ -87,6 +89,13 @@ def eval_splits(root: str) -> list[str]:
                 if name.startswith("eval") and os.path.isdir(os.path.join(root, name)))
 
 
+def split_names(root: str) -> list[str]:
+  """The splits a run reads: 'train', then every eval split."""
+  if not os.path.isdir(root):
+    raise DatasetError(f"{root}: dataset folder does not exist")
+  return ["train", *eval_splits(root)]
+
+
 def summarize(problems: list[str]) -> str:
   listed = "\n  ".join(problems[:_MAX_LISTED])
   more = len(problems) - _MAX_LISTED
@@ -138,6 +147,9 @@ def _image_size(split_dir: str, obj: dict, where: str) -> tuple[str, int, int]:
   try:
     with open(full, "rb") as f:
       image = decode_rgb(f.read())
+  except Image.UnidentifiedImageError as e:  # Its message names the BytesIO, not the file.
+    raise ValueError(f"{where}: cannot decode image {full}: not in an image format "
+                     "Pillow reads (or damaged)") from e
   except Exception as e:  # Pillow raises many types for bad data.
     raise ValueError(f"{where}: cannot decode image {full}: {e}") from e
   return path, image.width, image.height
@@ -159,8 +171,9 @@ def _box(value, width: int, height: int, where: str):
   return x0, y0, x1, y1
 
 
-def _read_items(split_dir: str, problems: list[str]) -> tuple[list[ItemRecord], set[str]]:
-  """Valid items and every item_id named on a line (valid or not, to word query errors)."""
+def _read_items(split_dir: str,
+                problems: list[str]) -> tuple[list[ItemRecord], dict[str, int]]:
+  """Valid items and the line of every item_id named (valid or not, to word query errors)."""
   path = os.path.join(split_dir, ITEMS_FILE)
   items, seen = [], {}
   for number, obj in _jsonl_objects(path, problems):
@@ -177,11 +190,11 @@ def _read_items(split_dir: str, problems: list[str]) -> tuple[list[ItemRecord], 
       problems.append(str(e))
       continue
     items.append(ItemRecord(len(items), item_id, image, title, width, height))
-  return items, set(seen)
+  return items, seen
 
 
-def _read_queries(split_dir: str, items: list[ItemRecord], all_item_ids: set[str],
-                  problems: list[str]) -> list[QueryRecord]:
+def _read_queries(split_dir: str, items: list[ItemRecord], item_lines: dict[str, int],
+                  skip_bad: bool, problems: list[str]) -> list[QueryRecord]:
   path = os.path.join(split_dir, QUERIES_FILE)
   row_of = {item.item_id: item.row for item in items}
   queries, seen = [], {}
@@ -202,8 +215,10 @@ def _read_queries(split_dir: str, items: list[ItemRecord], all_item_ids: set[str
         raise ValueError(f"{where}: field 'item_ids' lists an item twice: {ids!r}")
       for i in ids:
         if i not in row_of:
-          state = "is invalid (skipped)" if i in all_item_ids else f"is not in {ITEMS_FILE}"
-          raise ValueError(f"{where}: item_id {i!r} {state}")
+          if i not in item_lines:
+            raise ValueError(f"{where}: item_id {i!r} is not in {ITEMS_FILE}")
+          state = "skipped" if skip_bad else f"see {ITEMS_FILE}:{item_lines[i]}"
+          raise ValueError(f"{where}: item_id {i!r} is invalid ({state})")
       positives = tuple(row_of[i] for i in ids)
       first = items[positives[0]]
       box = _box(obj.get("box"), first.width, first.height, where)
@@ -215,28 +230,93 @@ def _read_queries(split_dir: str, items: list[ItemRecord], all_item_ids: set[str
   return queries
 
 
+def _empty_files(split_dir: str) -> list[str]:
+  """One line per missing or empty (blank) jsonl file of the split."""
+  problems = []
+  for name in (ITEMS_FILE, QUERIES_FILE):
+    path = os.path.join(split_dir, name)
+    if not os.path.isfile(path):
+      problems.append(f"{path}: missing; a split folder needs {ITEMS_FILE} and "
+                      f"{QUERIES_FILE} (docs/DATA.md)")
+      continue
+    with open(path, "rb") as f:
+      if not f.read().strip():
+        problems.append(f"{path}: file is empty; expected one JSON object per line "
+                        "(docs/DATA.md)")
+  return problems
+
+
+def scan_split(root: str, split: str, *, skip_bad: bool = False
+               ) -> tuple[SplitRecords, list[str]]:
+  """(the valid records of `root/split`, one line per bad record); raises nothing for
+  bad records. `SplitRecords.skipped` holds the bad records' lines when `skip_bad`.
+
+  Raises DatasetError when the split folder or a jsonl file is missing or empty.
+  """
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    raise DatasetError(f"{split_dir}: split folder does not exist")
+  problems = _empty_files(split_dir)
+  if problems:
+    raise DatasetError("\n".join(problems), problems)
+  problems = []
+  items, item_lines = _read_items(split_dir, problems)
+  queries = _read_queries(split_dir, items, item_lines, skip_bad, problems)
+  records = SplitRecords(split, split_dir, items, queries, problems if skip_bad else [])
+  return records, problems
+
+
+def check_scan(records: SplitRecords, problems: list[str], skip_bad: bool) -> None:
+  """Raises the DatasetError `read_split` raises for a scan (see there)."""
+  if problems and not skip_bad:
+    raise DatasetError(f"{len(problems)} problem(s) in {records.directory} "
+                       f"({SKIP_BAD_FLAG} skips the bad records):\n  {summarize(problems)}",
+                       problems)
+  if not records.items or not records.queries:
+    raise DatasetError(f"{records.directory}: no valid items or queries left "
+                       f"({len(records.items)} items, {len(records.queries)} queries)",
+                       problems or None)
+
+
 def read_split(root: str, split: str, *, skip_bad: bool = False) -> SplitRecords:
   """Reads and validates `root/split`.
 
   Raises DatasetError listing every problem unless `skip_bad`; then the bad lines are
   left out, logged (count and a sample) and returned in `SplitRecords.skipped`.
-  Always raises when a file is missing or no valid item or query is left.
+  Always raises when a file is missing or empty or no valid item or query is left.
   """
-  split_dir = os.path.join(root, split)
-  for name in (ITEMS_FILE, QUERIES_FILE):
-    if not os.path.isfile(os.path.join(split_dir, name)):
-      raise DatasetError(f"{os.path.join(split_dir, name)}: missing; a split folder needs "
-                         f"{ITEMS_FILE} and {QUERIES_FILE} (docs/DATA.md)")
-  problems: list[str] = []
-  items, named_item_ids = _read_items(split_dir, problems)
-  queries = _read_queries(split_dir, items, named_item_ids, problems)
-  if problems and not skip_bad:
-    raise DatasetError(f"{len(problems)} problem(s) in {split_dir} (pass skip_bad to skip "
-                       f"them):\n  {summarize(problems)}", problems)
+  records, problems = scan_split(root, split, skip_bad=skip_bad)
+  check_scan(records, problems, skip_bad)
   if problems:
-    logging.warning("skipped %d bad record(s) in %s:\n  %s", len(problems), split_dir,
-                    summarize(problems))
-  if not items or not queries:
-    raise DatasetError(f"{split_dir}: no valid items or queries left "
-                       f"({len(items)} items, {len(queries)} queries)", problems or None)
-  return SplitRecords(split, split_dir, items, queries, problems)
+    logging.warning("skipped %d bad record(s) in %s:\n  %s", len(problems),
+                    records.directory, summarize(problems))
+  return records
+
+
+def collect_errors(root: str, names: list[str], read) -> dict:
+  """{name: read(name)} for every split, or one DatasetError with the problems of all.
+
+  `read(name)` may raise DatasetError; the others are still read, so one run reports
+  every bad split.
+  """
+  results, errors = {}, []
+  for name in names:
+    try:
+      results[name] = read(name)
+    except DatasetError as e:
+      errors.append(e)
+  if errors:
+    problems = [p for e in errors for p in e.problems]
+    raise DatasetError(f"{len(errors)} of {len(names)} split(s) of {root} are invalid:\n"
+                       + "\n".join(str(e) for e in errors), problems)
+  return results
+
+
+def read_splits(root: str, *, skip_bad: bool = False) -> dict[str, SplitRecords]:
+  """Validates every split of `root` (`split_names`) and reports all problems together.
+
+  Returns {split: SplitRecords}; raises one DatasetError listing the problems of every
+  bad split (`problems` holds them all), not only of the first.
+  """
+  return collect_errors(root, split_names(root),
+                        lambda name: read_split(root, name, skip_bad=skip_bad))

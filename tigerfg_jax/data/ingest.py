@@ -8,15 +8,17 @@ tfds writes and reads without TensorFlow. tfds stores records in a hashed key or
 every record keeps its `row` (its index in the folder's valid lines) and the cache keeps
 the row -> record map; `RecordSource` reads by row.
 
-Cache entry: `<cache_dir>/<split>-<fingerprint>/` with `items/`, `queries/` (tfds data
-dirs) and `metadata.json` (ids, titles, positives, boxes, skipped problems, shard
-sizes, row -> record maps). The fingerprint covers the jsonl contents, every file's
+Cache entry: `<cache_dir>/<split>-<fingerprint>/` (`cache_dir` defaults to
+`<root>/.cache`; `data.cache_dir` moves it out of a read-only dataset folder) with
+`items/`, `queries/` (tfds data dirs) and `metadata.json` (ids, titles, positives,
+boxes, skipped problems, shard sizes, row -> record maps). The fingerprint covers the jsonl contents, every file's
 path, size and mtime under the split folder, and `skip_bad`; an entry is built in a
 temporary folder and renamed into place, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -27,8 +29,10 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from tigerfg_jax.data import folder
 
@@ -56,6 +60,14 @@ class _SplitRecords(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     yield from self._examples
+
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+  # and prepared" to stdout for every table; these builders download nothing.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
 
 class ItemRecords(_SplitRecords):
@@ -166,10 +178,28 @@ def _query_examples(records: folder.SplitRecords):
                       "has_box": query.box is not None}
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """Silences tfds while it writes a table: its INFO lines ("Generating dataset ...")
+  and three progress bars per table say nothing a user of a split needs; `ingest` logs
+  one line per split instead. Restores absl's verbosity and tfds' progress-bar switch
+  (a module global, read there) afterwards."""
+  verbosity = absl_logging.get_verbosity()
+  bars = tqdm_utils._active  # pylint: disable=protected-access
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    tfds.display_progress_bar(bars)
+
+
 def _write_table(data_dir: str, kind: str, examples) -> tuple[list[int], dict[str, int]]:
   """Writes one table; returns its row -> record map and {shard path: size}."""
   builder = _BUILDERS[kind](examples=examples, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
+  with _quiet_tfds():
+    builder.download_and_prepare()
   source = builder.as_data_source("rows")
   record_of_row = [0] * len(source)
   for record in range(len(source)):
@@ -208,21 +238,35 @@ def _check_shards(entry: str, metadata: dict[str, Any]) -> None:
           f"expected {size}); delete {entry} to rebuild it")
 
 
-def ingest(root: str, split: str, *, cache_dir: str, skip_bad: bool = False) -> Ingested:
+def _temporary_entry(cache_dir: str, prefix: str) -> str:
+  """A new empty folder in `cache_dir`; DatasetError naming the folder and the config
+  key that moves the cache when it cannot be written (e.g. a read-only dataset)."""
+  try:
+    os.makedirs(cache_dir, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=cache_dir)
+  except OSError as e:
+    raise folder.DatasetError(
+        f"{cache_dir}: cannot write the ArrayRecord cache there ({e.strerror}); pass "
+        "--config.data.cache_dir=A_WRITABLE_FOLDER to keep it elsewhere") from e
+
+
+def ingest(root: str, split: str, *, cache_dir: str | None = None,
+           skip_bad: bool = False) -> Ingested:
   """Validates `root/split` and writes its shards, or reuses the cached ones.
 
-  Raises DatasetError for invalid data (unless `skip_bad`) and for damaged shards.
+  `cache_dir` None: `<root>/.cache`. Raises DatasetError for invalid data (unless
+  `skip_bad`), for damaged shards and for a cache folder that cannot be written.
   """
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     raise folder.DatasetError(f"{split_dir}: split folder does not exist")
+  cache_dir = os.path.join(root, ".cache") if cache_dir is None else cache_dir
   fp = fingerprint(split_dir, skip_bad)
   entry = os.path.join(cache_dir, f"{split}-{fp}")
   cached = os.path.exists(os.path.join(entry, _METADATA))
   if not cached:
     records = folder.read_split(root, split, skip_bad=skip_bad)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{split}-{fp}-", dir=cache_dir)
+    tmp = _temporary_entry(cache_dir, f".{split}-{fp}-")
     try:
       metadata = _build(records, tmp, fp)
       with open(os.path.join(tmp, _METADATA), "w", encoding="utf-8") as f:

@@ -84,8 +84,12 @@ def positive_groups(num_items: int, query_positives: Sequence[Sequence[int]]) ->
   return np.asarray([label.setdefault(find(i), len(label)) for i in range(num_items)], np.int32)
 
 
-def load_split(root: str, split: str, *, cache_dir: str, skip_bad: bool = False) -> Split:
-  """Validates and ingests `root/split` (or reuses its cache entry) and opens it."""
+def load_split(root: str, split: str, *, cache_dir: str | None = None,
+               skip_bad: bool = False) -> Split:
+  """Validates and ingests `root/split` (or reuses its cache entry) and opens it.
+
+  `cache_dir` None: `<root>/.cache` (config key `data.cache_dir`).
+  """
   entry = ingest.ingest(root, split, cache_dir=cache_dir, skip_bad=skip_bad)
   meta = entry.metadata
   return Split(
@@ -101,6 +105,17 @@ def load_split(root: str, split: str, *, cache_dir: str, skip_bad: bool = False)
       queries=entry.source("queries"),
       skipped=meta["skipped"],
   )
+
+
+def load_splits(root: str, *, cache_dir: str | None = None,
+                skip_bad: bool = False) -> dict[str, Split]:
+  """`load_split` of every split of `root` ('train', then the eval splits), by name.
+
+  Raises one DatasetError with the problems of every bad split, not only the first.
+  """
+  return folder.collect_errors(
+      root, folder.split_names(root),
+      lambda name: load_split(root, name, cache_dir=cache_dir, skip_bad=skip_bad))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,17 +20,25 @@ colour jitter, JPEG) whose `box` is the product's box in the item image. With
 `one_to_many=True` a product is listed by 1-3 items (other renderings and backgrounds,
 titles differing by a listing word) and each query names all of them as positives.
 
+Item and query ids name their split (`eval_normal-item-00003`), so ids are unique
+across splits: the items of any split can join an export's catalog of another.
+
   python -m tigerfg_jax.data.synthetic --out=DIR [--seed=0 --items=400 --image_size=64]
+
+The CLI writes like `write_catalog_once`: a folder already holding this catalog is left
+as it is, one holding another catalog (or anything else) is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from typing import Callable
 
@@ -362,10 +370,18 @@ def _item_products(rng: np.random.Generator, items: int,
   return products, [p for p, n in enumerate(copies) for _ in range(n)]
 
 
+def _item_id(split_name: str, index: int) -> str:
+  return f"{split_name}-item-{index:05d}"
+
+
 def write_split(split_dir: str, *, seed: int, split_index: int, items: int, image_size: int,
                 cluttered_fraction: float, one_to_many: bool,
                 title_pattern_prob: float, clutter_grid: int = CLUTTER_GRID) -> None:
-  """Writes one split: items.jsonl, queries.jsonl, items/*.png, queries/*.jpg."""
+  """Writes one split: items.jsonl, queries.jsonl, items/*.png, queries/*.jpg.
+
+  Ids start with the split folder's name, so they are unique across the splits.
+  """
+  split_name = os.path.basename(os.path.normpath(split_dir))
   rng = np.random.default_rng([seed, split_index])
   products, product_of_item = _item_products(rng, items, one_to_many)
   items_of_product: dict[int, list[int]] = {}
@@ -393,13 +409,13 @@ def write_split(split_dir: str, *, seed: int, split_index: int, items: int, imag
     model_number[title] = model_number.get(title, 0) + 1
     if model_number[title] > 1:
       title += f" model {model_number[title]}"
-    item_id = f"item-{i:05d}"
+    item_id = _item_id(split_name, i)
     item_lines.append({"item_id": item_id, "image": image_path, "title": title})
     query_path = f"queries/{i:05d}.jpg"
     with open(os.path.join(split_dir, query_path), "wb") as f:
       f.write(render_query(product, image_size, item_rng))
-    positives = [item_id] + [f"item-{j:05d}" for j in items_of_product[p] if j != i]
-    query_lines.append({"query_id": f"query-{i:05d}", "image": query_path,
+    positives = [item_id] + [_item_id(split_name, j) for j in items_of_product[p] if j != i]
+    query_lines.append({"query_id": f"{split_name}-query-{i:05d}", "image": query_path,
                         "item_ids": positives, "box": box})
   for name, lines in (("items.jsonl", item_lines), ("queries.jsonl", query_lines)):
     with open(os.path.join(split_dir, name), "w", encoding="utf-8") as f:
@@ -407,8 +423,44 @@ def write_split(split_dir: str, *, seed: int, split_index: int, items: int, imag
 
 
 def eval_split_items(items: int) -> int:
-  """Items of each eval split: a quarter of train, at least 50 (or all of train)."""
+  """Items of each eval split by default: a quarter of train but at least 50 (all of
+  train when it has fewer than 50)."""
   return max(items // 4, min(items, 50))
+
+
+# A cell of a cluttered image must hold a product of a few pixels a side.
+MIN_CELL_SIDE = 8
+MIN_IMAGE_SIZE = 16
+
+
+class CatalogError(ValueError):
+  """Impossible catalog parameters or an output folder that cannot take the catalog;
+  one line per problem."""
+
+
+def check_params(*, seed: int, items: int, image_size: int, eval_items: int | None,
+                 clutter_grid: int, title_pattern_prob: float) -> list[str]:
+  """One line per impossible write_catalog argument (empty when all are fine)."""
+  problems = []
+  if seed < 0:
+    problems.append(f"seed={seed}: expected an integer >= 0")
+  if items < 1:
+    problems.append(f"items={items}: the train split needs at least 1 item")
+  if eval_items is not None and eval_items < 1:
+    problems.append(f"eval_items={eval_items}: each eval split needs at least 1 item "
+                    "(0 or None: the default)")
+  if clutter_grid < 2:
+    problems.append(f"clutter_grid={clutter_grid}: a cluttered image needs a grid of at "
+                    "least 2 x 2 cells (the target and a distractor)")
+  if image_size < max(MIN_IMAGE_SIZE, MIN_CELL_SIDE * clutter_grid):
+    problems.append(
+        f"image_size={image_size}: too small; need at least {MIN_IMAGE_SIZE} and "
+        f"{MIN_CELL_SIDE} px per cell of the {clutter_grid} x {clutter_grid} clutter grid "
+        f"({MIN_CELL_SIDE * clutter_grid} px)")
+  if not 0.0 <= title_pattern_prob <= 1.0:
+    problems.append(f"title_pattern_prob={title_pattern_prob}: expected a probability "
+                    "in [0, 1]")
+  return problems
 
 
 def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
@@ -425,13 +477,18 @@ def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
   patches of 8 px at 64 px, as a target of 0.3 of a 224 px image has at 16 px patches),
   3 at 0.27-0.33.
 
-  Deterministic: the same arguments give byte-identical files.
+  Deterministic: the same arguments give byte-identical files. Raises CatalogError for
+  impossible arguments (see `check_params`) and when `out_dir` is not empty, so a
+  catalog is never mixed with the files of another.
   """
+  problems = check_params(seed=seed, items=items, image_size=image_size,
+                          eval_items=eval_items, clutter_grid=clutter_grid,
+                          title_pattern_prob=title_pattern_prob)
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    problems.append(f"{out_dir}: not empty; write a catalog into a new or empty folder")
+  if problems:
+    raise CatalogError("\n".join(problems))
   eval_items = eval_split_items(items) if eval_items is None else eval_items
-  if items < 1 or eval_items < 1 or image_size < 16 or clutter_grid < 2:
-    raise ValueError(f"need items >= 1, eval_items >= 1, image_size >= 16 and "
-                     f"clutter_grid >= 2, got {items}, {eval_items}, {image_size}, "
-                     f"{clutter_grid}")
   sizes = {"train": (items, 0.5), "eval_normal": (eval_items, 0.0),
            "eval_cluttered": (eval_items, 1.0)}
   for index, split in enumerate(SPLITS):
@@ -444,34 +501,73 @@ def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
 CATALOG_MARKER = "synthetic.json"
 
 
+def resolved_params(params: dict) -> dict:
+  """write_catalog's keyword arguments with every default filled in (eval_items too),
+  so two requests for the same catalog compare equal however they were spelled."""
+  signature = inspect.signature(write_catalog)
+  full = {name: p.default for name, p in signature.parameters.items()
+          if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not p.empty}
+  full.update(params)
+  if full["eval_items"] is None:
+    full["eval_items"] = eval_split_items(full["items"])
+  return full
+
+
+def _differences(old: dict, new: dict) -> tuple[str, str]:
+  keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  return (", ".join(f"{k}={old.get(k)}" for k in keys),
+          ", ".join(f"{k}={new.get(k)}" for k in keys))
+
+
+def _existing_catalog(root: str, wanted: dict) -> bool:
+  """True when `root` holds the catalog `wanted`, False when it is absent or empty.
+
+  Raises CatalogError (one line) when it holds another catalog or something else.
+  """
+  marker = os.path.join(root, CATALOG_MARKER)
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      written = resolved_params(json.load(f))
+    if written != wanted:
+      old, new = _differences(written, wanted)
+      raise CatalogError(f"{root} holds a synthetic catalog written with {old}, not {new}; "
+                         f"use another folder, or delete {root} to write the new one")
+    return True
+  if os.path.isdir(root) and os.listdir(root):
+    raise CatalogError(f"{root} is not empty and has no {CATALOG_MARKER}: it is not a "
+                       "synthetic catalog written by this tool; use another folder or "
+                       "empty it")
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise CatalogError(f"{root} is a file, not a folder")
+  return False
+
+
 def write_catalog_once(root: str, **params) -> str:
   """Writes the catalog `params` (write_catalog's arguments) to `root` unless it is there.
 
   Written to a temporary folder and renamed into place, so processes racing to write it
   (multi-host) or a run killed half-way never leave a partial catalog behind. A root
-  written with other parameters, or not by this function, is an error, never reused.
+  that holds a catalog written with other parameters, or anything not written by this
+  function, is refused (CatalogError), never replaced: it may be the data an existing
+  run, its cache and its exports were made from. Returns `root`.
   """
-  marker = os.path.join(root, CATALOG_MARKER)
-  if os.path.exists(marker):
-    with open(marker, encoding="utf-8") as f:
-      written = json.load(f)
-    if written != params:
-      raise ValueError(f"{root} holds a synthetic catalog written with {written}, but "
-                       f"{params} is asked for; use another folder or delete {root}")
+  wanted = resolved_params(params)
+  problems = check_params(**{k: wanted[k] for k in ("seed", "items", "image_size", "eval_items",
+                                                    "clutter_grid", "title_pattern_prob")})
+  if problems:
+    raise CatalogError("\n".join(problems))
+  if _existing_catalog(root, wanted):
     return root
-  if os.path.exists(root):
-    raise ValueError(f"{root} exists but has no {CATALOG_MARKER}: it is not a synthetic "
-                     "catalog written here (delete it or use another folder)")
   parent = os.path.dirname(os.path.abspath(root))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".catalog-", dir=parent)
   try:
     write_catalog(tmp, **params)
     with open(os.path.join(tmp, CATALOG_MARKER), "w", encoding="utf-8") as f:
-      json.dump(params, f)
-    os.rename(tmp, root)
+      json.dump(wanted, f, sort_keys=True)
+    os.rename(tmp, root)  # Also replaces an empty folder.
   except OSError:
-    if not os.path.exists(marker):  # else another process won the race.
+    if not _existing_catalog(root, wanted):  # else another process won the race.
       raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -499,24 +595,43 @@ def catalog_params(data_config) -> dict:
 
 def main(argv):
   del argv
-  write_catalog(FLAGS.out, seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
+  params = dict(seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
                 one_to_many=FLAGS.one_to_many, title_pattern_prob=FLAGS.title_pattern_prob,
                 eval_items=FLAGS.eval_items or None, clutter_grid=FLAGS.clutter_grid)
-  print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
+  existed = os.path.exists(os.path.join(FLAGS.out, CATALOG_MARKER))
+  try:
+    write_catalog_once(FLAGS.out, **params)
+  except CatalogError as e:
+    for line in str(e).splitlines():
+      print(f"error: {line}", file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:
+    print(f"error: cannot write the catalog to {FLAGS.out}: {e}", file=sys.stderr)
+    sys.exit(1)
+  if existed:
+    print(f"{FLAGS.out} already holds this catalog; nothing written")
+  else:
+    print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
 
 
 if __name__ == "__main__":
   from absl import app, flags
 
-  flags.DEFINE_string("out", None, "output dataset root", required=True)
-  flags.DEFINE_integer("seed", 0, "catalog seed")
-  flags.DEFINE_integer("items", 400, "items of the train split")
-  flags.DEFINE_integer("eval_items", 0, "items of each eval split (0: a quarter of train)")
+  flags.DEFINE_string("out", None, "output dataset root: a new or empty folder (or one "
+                      "holding this very catalog, which is then left as it is)",
+                      required=True)
+  flags.DEFINE_integer("seed", 0, "catalog seed (>= 0)")
+  flags.DEFINE_integer("items", 400, "items of the train split (>= 1)")
+  flags.DEFINE_integer("eval_items", 0, "items of each eval split (0: max(items // 4, "
+                       "min(items, 50)), i.e. a quarter of train but at least 50, or all "
+                       "of train when it has fewer)")
   flags.DEFINE_integer("clutter_grid", CLUTTER_GRID,
-                       "cluttered images: a grid x grid layout, one product per cell")
-  flags.DEFINE_integer("image_size", 64, "side of item and query images in pixels")
+                       "cluttered images: a grid x grid layout, one product per cell (>= 2)")
+  flags.DEFINE_integer("image_size", 64,
+                       f"side of item and query images in pixels (>= {MIN_IMAGE_SIZE} "
+                       f"and >= {MIN_CELL_SIDE} x clutter_grid)")
   flags.DEFINE_bool("one_to_many", False, "several items per product")
   flags.DEFINE_float("title_pattern_prob", TITLE_PATTERN_PROB,
-                     "how often a title names its product's pattern")
+                     "how often a title names its product's pattern, in [0, 1]")
   FLAGS = flags.FLAGS
   app.run(main)

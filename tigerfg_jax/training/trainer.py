@@ -23,7 +23,6 @@ from jax.experimental import multihost_utils
 from tigerfg_jax import config_lib
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
-from tigerfg_jax.data import folder
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.evaluation import evaluators
 from tigerfg_jax.models import factory
@@ -64,9 +63,7 @@ def prepare_data(config: ml_collections.ConfigDict,
   """
   def load():
     root = workdir_lib.data_root(config, workdir)
-    names = ["train", *folder.eval_splits(root)]
-    return root, {name: workdir_lib.load_split(config, workdir, name, root)
-                  for name in names}
+    return root, workdir_lib.load_splits(config, root)
 
   if jax.process_count() == 1:
     return load()
