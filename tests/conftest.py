@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+# Tests run on the CPU. With libtpu installed (requirements-test.txt, for the
+# ahead-of-time TPU compile), JAX would otherwise probe for a TPU in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 from tests import train_helpers
+from tigerfg_jax.data import synthetic
+
+
+@pytest.fixture(scope="session")
+def micro_catalog(tmp_path_factory) -> str:
+  """A 24-item synthetic catalog at 32 px, shared by the tests that train on it."""
+  root = str(tmp_path_factory.mktemp("micro_catalog_24"))
+  synthetic.write_catalog(root, seed=0, items=24, image_size=32)
+  return root
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,13 @@ import pytest
 from tests import train_helpers
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
-from tigerfg_jax.data import synthetic
+from tigerfg_jax.training import metric_writer
 from tigerfg_jax.training import trainer
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory):
-  root = tmp_path_factory.mktemp("catalog")
-  synthetic.write_catalog(str(root), seed=0, items=24, image_size=32)
-  return str(root)
+@pytest.fixture(name="catalog")
+def catalog_fixture(micro_catalog):
+  return micro_catalog
 
 
 def _read_metrics(workdir, kind="train"):
@@ -159,3 +157,13 @@ def test_a_config_saved_before_new_keys_loads_as_it_ran(tmp_path):
   assert old.model.posemb_grid == 6
   assert old.data.synthetic_eval_items == 0 and old.data.synthetic_clutter_grid == 3
   assert old.teacher.init_student is False
+
+
+def test_the_console_line_is_short_and_the_eta_reads_as_a_clock():
+  assert metric_writer.format_duration(3725.4) == "1:02:05"
+  assert metric_writer.format_duration(59.6) == "0:01:00"
+  assert metric_writer.format_duration(90061) == "25:01:01"
+  line = metric_writer.progress_line(120, 300, {"loss": 1.51937, "infonce": 1.2,
+                                                "examples_per_s": 18.24, "eta_s": 317})
+  assert line == "step 120/300  loss 1.519  18.2 examples/s  ETA 0:05:17"
+  assert metric_writer.progress_line(1, 300, {"loss": 2.0}) == "step 1/300  loss 2"

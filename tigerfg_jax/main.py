@@ -4,7 +4,8 @@ r"""Trains and evaluates one TIGER-FG stage.
       [--config.train.steps=100 ...]
 
 Without --config.data.root the synthetic catalog is written to DIR/data and used.
-Running again on the same DIR resumes from its last checkpoint. Multi-process jobs
+Running again on the same DIR resumes from its last checkpoint. SIGTERM (preemption)
+saves a checkpoint at the next step boundary and exits with status 75. Multi-process jobs
 (TPU pod slices, GPU clusters) call `jax.distributed.initialize()` first: automatically
 where JAX detects the cluster, or from --coordinator_address/--num_processes/--process_id.
 """
@@ -12,6 +13,7 @@ where JAX detects the cluster, or from --coordinator_address/--num_processes/--p
 from __future__ import annotations
 
 import logging as std_logging
+import sys
 
 import jax
 from absl import flags
@@ -19,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from tigerfg_jax import cli
+from tigerfg_jax.training import preemption
 from tigerfg_jax.training import trainer
 
 
@@ -52,7 +55,11 @@ def main(argv):
   logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  trainer.train_and_evaluate(args.config, args.workdir)
+  try:
+    trainer.train_and_evaluate(args.config, args.workdir)
+  except preemption.Preempted as stopped:
+    logging.warning("%s", stopped)
+    sys.exit(preemption.EXIT_PREEMPTED)
 
 
 def run() -> None:

@@ -6,6 +6,7 @@ reader (which has no model code: this module imports neither flax nor the models
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -51,11 +52,12 @@ def embed_batches(embed_fn: Callable[..., jax.Array], batches: Iterable[Batch],
     count: rows of the split (the output's first dimension).
     place: puts a host batch's inputs on devices (e.g. sharded over the mesh);
       None passes the NumPy arrays to `embed_fn` as they are.
-    desc: progress-bar label (no bar when None or not on process 0).
+    desc: progress-bar label (a bar only on a terminal, on process 0).
   """
   pending = []
   progress = tqdm(batches, desc=desc, leave=False,
-                  disable=desc is None or jax.process_index() != 0)
+                  disable=(desc is None or jax.process_index() != 0
+                           or not sys.stderr.isatty()))
   for batch in progress:
     inputs = {k: batch[k] for k in input_keys}
     if place is not None:

@@ -69,6 +69,22 @@ class StepTimer:
             "eta_s": (self._total - step) / steps_per_s}
 
 
+def format_duration(seconds: float) -> str:
+  """'h:mm:ss' (hours unbounded), e.g. 3725.4 -> '1:02:05'."""
+  whole = int(round(seconds))
+  return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def progress_line(step: int, total: int, scalars: dict[str, Any]) -> str:
+  """'step 120/300  loss 1.519  18.2 examples/s  ETA 0:05:17' (the console's line;
+  every scalar goes to metrics.jsonl and TensorBoard)."""
+  parts = [f"step {step}/{total}", f"loss {scalars['loss']:.4g}"]
+  if "examples_per_s" in scalars:
+    parts.append(f"{scalars['examples_per_s']:.1f} examples/s")
+  if "eta_s" in scalars:
+    parts.append(f"ETA {format_duration(scalars['eta_s'])}")
+  return "  ".join(parts)
+
+
 def log_progress(step: int, total: int, scalars: dict[str, Any]) -> None:
-  shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-  logging.info("[%d/%d] %s", step, total, shown)
+  logging.info("%s", progress_line(step, total, scalars))

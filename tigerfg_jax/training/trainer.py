@@ -29,6 +29,7 @@ from tigerfg_jax.models import factory
 from tigerfg_jax.models import towers
 from tigerfg_jax.training import metric_writer
 from tigerfg_jax.training import optim
+from tigerfg_jax.training import preemption
 from tigerfg_jax.training import step as step_lib
 
 
@@ -181,8 +182,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: an experiment config (`config_lib.experiment_config`).
     workdir: the run folder (`tigerfg_jax.workdir` lists what it holds).
-    stop_after: leave after this many steps in this call (as a preempted job would),
-      with a checkpoint written; the next call resumes. None: run to the end.
+    stop_after: leave after this many steps in this call, with a checkpoint written;
+      the next call resumes. None: run to the end.
+
+  Raises:
+    preemption.Preempted: on SIGTERM, after saving the checkpoint of the step it
+      stopped at (every process the same step).
 
   Returns:
     `{split: metrics}` of the final retrieval evaluation (`config.evals.retrieval`;
@@ -247,25 +252,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writer.MetricWriter(workdir)
   timer = metric_writer.StepTimer(first, total, batch_size)
   final_results: dict[str, Any] = {}
-  for step in range(first + 1, last + 1):
-    batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
-    state, measurements = trainer.update(state, teacher_params, batch)
-    is_log = step % config.train.log_every == 0 or step == last
-    is_ckpt = step % config.train.checkpoint_every == 0 or step == last
-    if is_log or is_ckpt:
-      scalars = {k: float(v) for k, v in jax.device_get(measurements).items()}
-      if not np.isfinite(scalars["loss"]):
+  with preemption.PreemptionWatch() as watch:
+    for step in range(first + 1, last + 1):
+      batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
+      state, measurements = trainer.update(state, teacher_params, batch)
+      preempted = watch.requested(step)
+      is_log = step % config.train.log_every == 0 or step == last
+      is_ckpt = step % config.train.checkpoint_every == 0 or step == last or preempted
+      if is_log or is_ckpt:
+        scalars = {k: float(v) for k, v in jax.device_get(measurements).items()}
+        if not np.isfinite(scalars["loss"]):
+          manager.wait_until_finished()
+          raise NonFiniteLossError(
+              f"loss is {scalars['loss']} at step {step} ({scalars}); stopping. The last "
+              f"good checkpoint is step {manager.latest_step()} in {manager.directory}")
+        scalars.update(timer.tick(step))
+        if is_log:
+          writer.write(step, scalars)
+          metric_writer.log_progress(step, total, scalars)
+      if is_ckpt:
+        workdir_lib.save_checkpoint(manager, step, state, train_iter.get_state())
+      if preempted:
         manager.wait_until_finished()
-        raise NonFiniteLossError(
-            f"loss is {scalars['loss']} at step {step} ({scalars}); stopping. The last "
-            f"good checkpoint is step {manager.latest_step()} in {manager.directory}")
-      scalars.update(timer.tick(step))
-      if is_log:
-        writer.write(step, scalars)
-        metric_writer.log_progress(step, total, scalars)
-    if is_ckpt:
-      workdir_lib.save_checkpoint(manager, step, state, train_iter.get_state())
-    final_results.update(run_evaluators(scheduled, step, total, state.params, writer))
+        writer.close()
+        raise preemption.Preempted(step, manager.directory)
+      final_results.update(run_evaluators(scheduled, step, total, state.params, writer))
   if first == total:  # a finished run rerun: evaluate its last checkpoint again.
     final_results.update(run_evaluators(scheduled, total, total, state.params, writer))
   manager.wait_until_finished()
