@@ -24,7 +24,8 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   model.mode                'tiger' (text-guided pooling) | 'clip_style' (global pool).
   model.share_vision        query and item towers share the ViT.
   model.query_pool          'cls' | 'map'.
-  model.dtype               compute dtype 'float32' | 'bfloat16' (params stay float32).
+  model.dtype               compute dtype 'float32' | 'bfloat16' (params stay float32;
+                            embeddings, attention maps and temperature are float32).
   model.temperature_init    initial tau.
   model.temperature_min     tau is clipped to [temperature_min, 1].
   model.pixel_mean / pixel_std  per-channel normalisation of 0..255 pixels.
@@ -37,6 +38,12 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
                             token, CLIP).
   model.text_proj_dim       > 0: a bias-free Dense to this width after the text pooling
                             (CLIP's text projection); 0: none.
+  model.attention           the ViT's and text encoder's self-attention:
+                            'dot_product' (jax.nn.dot_product_attention) | 'einsum'
+                            (explicit reference). Same parameters.
+  model.remat               what the encoder blocks recompute in the backward pass:
+                            'none' | 'full' | 'dots' | 'names' (models/transformer.py).
+                            Same parameters.
   data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
 """
 
@@ -45,6 +52,8 @@ from __future__ import annotations
 import os
 
 import ml_collections
+
+from tigerfg_jax.models import transformer
 
 PRESETS = ("micro", "tiny", "b16")
 STAGES = ("teacher", "distill", "clip_style")
@@ -84,7 +93,8 @@ def _model_config(preset: str) -> ml_collections.ConfigDict:
       mode="tiger",
       share_vision=True,
       query_pool="cls",
-      dtype="float32",
+      # bfloat16 compute on accelerators (float32 master params).
+      dtype="bfloat16" if preset == "b16" else "float32",
       temperature_init=0.07,
       temperature_min=0.01,
       pixel_mean=_CLIP_MEAN,
@@ -95,6 +105,8 @@ def _model_config(preset: str) -> ml_collections.ConfigDict:
       text_causal=False,
       text_pool="mean",
       text_proj_dim=0,
+      attention="dot_product",
+      remat="none",
   ))
 
 
@@ -202,6 +214,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.mlp_activation": ("gelu", "quick_gelu"),
     "model.text_pool": ("mean", "eos"),
+    "model.attention": transformer.ATTENTION_KINDS,
+    "model.remat": transformer.REMAT_POLICIES,
     "loss.spatial_target": ("box", "teacher"),
     "mesh.param_sharding": ("replicated", "fsdp", "tensor"),
     "eval.backend": ("scann", "exact", "approx"),
