@@ -3,9 +3,10 @@
 Compute runs in `dtype` (float32 or bfloat16); parameters are float32; attention
 logits and softmax are always float32.
 
-The encoders' self-attention runs through `jax.nn.dot_product_attention` ('dot_product':
-XLA's fused attention, or a fused kernel where JAX has one) or through explicit einsums
-('einsum', the reference that also returns the weights, which the pooling heads need).
+The encoders' self-attention runs through `jax.nn.dot_product_attention` ('dot_product',
+`implementation=None`: JAX's choice of kernel; jax 0.10.2 still picks its XLA version on
+every platform) or through explicit einsums ('einsum', the reference that also returns
+the weights, which the pooling heads need).
 Their blocks can be rematerialised (`REMAT_POLICIES`) without changing the parameter
 tree, so a checkpoint trained under one policy restores under any other.
 """
