@@ -24,7 +24,8 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   model.mode                'tiger' (text-guided pooling) | 'clip_style' (global pool).
   model.share_vision        query and item towers share the ViT.
   model.query_pool          'cls' | 'map'.
-  model.dtype               compute dtype 'float32' | 'bfloat16' (params stay float32).
+  model.dtype               compute dtype 'float32' | 'bfloat16' (params stay float32;
+                            embeddings, attention maps and temperature are float32).
   model.temperature_init    initial tau.
   model.temperature_min     tau is clipped to [temperature_min, 1].
   model.pixel_mean / pixel_std  per-channel normalisation of 0..255 pixels.
@@ -37,6 +38,12 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
                             token, CLIP).
   model.text_proj_dim       > 0: a bias-free Dense to this width after the text pooling
                             (CLIP's text projection); 0: none.
+  model.attention           the ViT's and text encoder's self-attention:
+                            'dot_product' (jax.nn.dot_product_attention) | 'einsum'
+                            (explicit reference). Same parameters.
+  model.remat               what the encoder blocks recompute in the backward pass:
+                            'none' | 'full' | 'dots' | 'names' (models/transformer.py).
+                            Same parameters.
   data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
 """
 
@@ -71,6 +78,8 @@ class Preset:
   pooling_slots: int
   pooling_heads: int
   pooling_mlp_dim: int
+  dtype: str                    # compute dtype (params, optimizer state, losses: float32).
+  remat: str                    # `models.transformer.REMAT_POLICIES`.
   # Data.
   item_image_size: int
   query_image_size: int
@@ -90,8 +99,8 @@ PRESETS = {
     "micro": Preset(
         vision_variant="mu", text_variant="mu", patch_size=8, num_registers=0,
         max_title_len=16, pooling_slots=2, pooling_heads=2, pooling_mlp_dim=64,
-        item_image_size=32, query_image_size=32, synthetic_items=48,
-        synthetic_eval_items=0, clutter_grid=2, mosaic_prob=0.5,
+        dtype="float32", remat="none", item_image_size=32, query_image_size=32,
+        synthetic_items=48, synthetic_eval_items=0, clutter_grid=2, mosaic_prob=0.5,
         steps=6, batch_size=8, learning_rate=1e-3),
     # The CPU default: minutes. Mosaic is rare at 64 px: a 2x2 tile halves a product
     # to a few patches, and at 0.5 eval_normal R@1 fell by 13 points. 2 clutter cells
@@ -99,15 +108,15 @@ PRESETS = {
     "tiny": Preset(
         vision_variant="pico", text_variant="pico", patch_size=8, num_registers=4,
         max_title_len=16, pooling_slots=4, pooling_heads=4, pooling_mlp_dim=192,
-        item_image_size=64, query_image_size=64, synthetic_items=3200,
-        synthetic_eval_items=200, clutter_grid=2, mosaic_prob=0.1,
+        dtype="float32", remat="none", item_image_size=64, query_image_size=64,
+        synthetic_items=3200, synthetic_eval_items=200, clutter_grid=2, mosaic_prob=0.1,
         steps=300, batch_size=32, learning_rate=1e-3),
     # The paper's ViT-B/16 query tower, for accelerators.
     "b16": Preset(
         vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
         max_title_len=32, pooling_slots=8, pooling_heads=8, pooling_mlp_dim=1024,
-        item_image_size=224, query_image_size=224, synthetic_items=4000,
-        synthetic_eval_items=0, clutter_grid=3, mosaic_prob=0.5,
+        dtype="bfloat16", remat="none", item_image_size=224, query_image_size=224,
+        synthetic_items=4000, synthetic_eval_items=0, clutter_grid=3, mosaic_prob=0.5,
         steps=20_000, batch_size=1024, learning_rate=5e-4),
 }
 
@@ -128,7 +137,7 @@ def _model_config(p: Preset) -> ml_collections.ConfigDict:
       mode="tiger",
       share_vision=True,
       query_pool="cls",
-      dtype="float32",
+      dtype=p.dtype,
       temperature_init=0.07,
       temperature_min=0.01,
       pixel_mean=_CLIP_MEAN,
@@ -139,6 +148,8 @@ def _model_config(p: Preset) -> ml_collections.ConfigDict:
       text_causal=False,
       text_pool="mean",
       text_proj_dim=0,
+      attention="dot_product",
+      remat=p.remat,
   ))
 
 

@@ -56,6 +56,8 @@ class TextEncoder(nn.Module):
     proj_dim: > 0: a bias-free Dense to this width after the pooling; 0: none.
     activation: the MLPs' activation (`transformer.ACTIVATIONS`).
     norm_eps: epsilon of every LayerNorm here.
+    attention: self-attention kind (`transformer.ATTENTION_KINDS`).
+    remat: the blocks' remat policy (`transformer.REMAT_POLICIES`).
     dtype: compute dtype.
   """
   variant: str
@@ -66,6 +68,8 @@ class TextEncoder(nn.Module):
   proj_dim: int = 0
   activation: str = "gelu"
   norm_eps: float = 1e-6
+  attention: str = "dot_product"
+  remat: str = "none"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -100,12 +104,11 @@ class TextEncoder(nn.Module):
         partitioning.init(nn.initializers.normal(0.01), (None, "embed")),
         (self.max_len, size["width"]), jnp.float32)
     x = embed(tokens) + position[:length].astype(self.dtype)
-    attend = mask
-    if self.causal:  # [B, L, L]: query i reads the real keys j <= i.
-      attend = mask[:, None, :] & jnp.tril(jnp.ones((length, length), bool))
+    # Causal: query i reads the real keys j <= i.
     x = transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
                             activation=self.activation, norm_eps=self.norm_eps,
-                            dtype=self.dtype, name="encoder")(x, attend)
+                            attention=self.attention, causal=self.causal,
+                            remat=self.remat, dtype=self.dtype, name="encoder")(x, mask)
     count = mask.sum(axis=1)
     if self.pool == "eos":
       last = jnp.take_along_axis(x, jnp.maximum(count - 1, 0)[:, None, None], axis=1)

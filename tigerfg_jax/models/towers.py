@@ -35,6 +35,8 @@ CHOICES = {
     "dtype": tuple(DTYPES),
     "mlp_activation": tuple(transformer.ACTIVATIONS),
     "text_pool": text.POOLS,
+    "attention": transformer.ATTENTION_KINDS,
+    "remat": transformer.REMAT_POLICIES,
 }
 
 
@@ -99,8 +101,9 @@ class ItemTower(nn.Module):
   Attributes:
     vision: the ViT (a `VisionEncoder`, possibly shared with the query tower).
     text_variant, vocab_size, max_title_len, text_causal, text_pool, text_proj_dim,
-      mlp_activation, norm_eps: the title's `TextEncoder` (its variant, vocab_size,
-      max_len, causal, pool, proj_dim, activation, norm_eps).
+      mlp_activation, norm_eps, attention, remat: the title's `TextEncoder` (its
+      variant, vocab_size, max_len, causal, pool, proj_dim, activation, norm_eps,
+      attention, remat).
     mode: 'tiger' | 'clip_style'.
     num_registers: R.
     pooling_slots, pooling_heads, pooling_mlp_dim: pooling sizes.
@@ -117,6 +120,8 @@ class ItemTower(nn.Module):
   text_proj_dim: int
   mlp_activation: str
   norm_eps: float
+  attention: str
+  remat: str
   mode: str
   num_registers: int
   pooling_slots: int
@@ -150,7 +155,8 @@ class ItemTower(nn.Module):
     title, title_pooled = text.TextEncoder(
         self.text_variant, self.vocab_size, self.max_title_len,
         causal=self.text_causal, pool=self.text_pool, proj_dim=self.text_proj_dim,
-        activation=self.mlp_activation, norm_eps=self.norm_eps, dtype=self.dtype,
+        activation=self.mlp_activation, norm_eps=self.norm_eps,
+        attention=self.attention, remat=self.remat, dtype=self.dtype,
         name="text_encoder")(title_tokens, title_mask)
     if self.mode == "tiger":
       pooled = pooling.TextGuidedPooling(
@@ -188,7 +194,8 @@ class TigerFG(nn.Module):
     vit = dict(variant=c.vision_variant, patch_size=c.patch_size,
                posemb_grid=c.posemb_grid, num_registers=c.num_registers,
                pre_norm=c.vision_pre_norm,
-               activation=c.mlp_activation, norm_eps=c.norm_eps, dtype=dtype)
+               activation=c.mlp_activation, norm_eps=c.norm_eps,
+               attention=c.attention, remat=c.remat, dtype=dtype)
     self.vision = vision.VisionEncoder(**vit)
     if not c.share_vision:
       self.item_vision = vision.VisionEncoder(**vit)
@@ -202,7 +209,8 @@ class TigerFG(nn.Module):
         text_variant=c.text_variant, vocab_size=c.vocab_size,
         max_title_len=c.max_title_len, text_causal=c.text_causal,
         text_pool=c.text_pool, text_proj_dim=c.text_proj_dim,
-        mlp_activation=c.mlp_activation, norm_eps=c.norm_eps, mode=c.mode,
+        mlp_activation=c.mlp_activation, norm_eps=c.norm_eps,
+        attention=c.attention, remat=c.remat, mode=c.mode,
         num_registers=c.num_registers,
         pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
         pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype,

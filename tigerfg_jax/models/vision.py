@@ -74,6 +74,8 @@ class VisionEncoder(nn.Module):
     pre_norm: a LayerNorm over all tokens before the blocks (CLIP's `ln_pre`).
     activation: the MLPs' activation (`transformer.ACTIVATIONS`).
     norm_eps: epsilon of every LayerNorm here.
+    attention: self-attention kind (`transformer.ATTENTION_KINDS`).
+    remat: the blocks' remat policy (`transformer.REMAT_POLICIES`).
     dtype: compute dtype.
   """
   variant: str
@@ -83,6 +85,8 @@ class VisionEncoder(nn.Module):
   pre_norm: bool = False
   activation: str = "gelu"
   norm_eps: float = 1e-6
+  attention: str = "dot_product"
+  remat: str = "none"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -126,4 +130,5 @@ class VisionEncoder(nn.Module):
                                   name="pre_norm")(x)
     return transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
                                activation=self.activation, norm_eps=self.norm_eps,
+                               attention=self.attention, remat=self.remat,
                                dtype=self.dtype, name="encoder")(x)
