@@ -115,7 +115,7 @@ PRESETS = {
     "b16": Preset(
         vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
         max_title_len=32, pooling_slots=8, pooling_heads=8, pooling_mlp_dim=1024,
-        dtype="bfloat16", remat="none", item_image_size=224, query_image_size=224,
+        dtype="bfloat16", remat="dots", item_image_size=224, query_image_size=224,
         synthetic_items=4000, synthetic_eval_items=0, clutter_grid=3, mosaic_prob=0.5,
         steps=20_000, batch_size=1024, learning_rate=5e-4),
 }
