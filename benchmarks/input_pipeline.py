@@ -53,7 +53,7 @@ def main(argv):
   size, seconds = _SIZE.value, _SECONDS.value
   tmp = tempfile.mkdtemp(prefix="input-bench-")
   synthetic.write_split(f"{tmp}/data/train", seed=0, split_index=0, items=_ITEMS.value,
-                        image_size=size, cluttered_fraction=0.5, one_to_many=False)
+                        image_size=size, cluttered_fraction=0.5, one_to_many=False, title_pattern_prob=0.25)
   split = pipeline.load_split(f"{tmp}/data", "train", cache_dir=f"{tmp}/cache")
   n = split.num_items
   config = config_lib.experiment_config("teacher", "b16").data

@@ -118,7 +118,9 @@ def _data_config(preset: str) -> ml_collections.ConfigDict:
       mosaic_prob=0.1 if preset == "tiny" else 0.5,
       mosaic_grid=2,                # mosaic of grid x grid tiles.
       skip_bad=False,               # skip invalid records (counted) instead of failing.
-      worker_count=0,               # grain worker processes (0 = in-process).
+      # Grain worker processes building training examples: 0 = threads of the training
+      # process; -1 = the cores this process may use less 2 (pipeline.worker_count).
+      worker_count=-1 if preset == "b16" else 0,
       vocab_size=512,               # size of the tokenizer trained on train titles.
       tokenizer=ml_collections.FieldReference(None, field_type=str),  # user vocab file.
   ))
@@ -251,6 +253,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if _get(config, key) % config.model.patch_size:
       problems.append(f"config.{key}={_get(config, key)} is not a multiple of "
                       f"config.model.patch_size={config.model.patch_size}")
+  if config.data.worker_count < -1:
+    problems.append(f"config.data.worker_count={config.data.worker_count}: expected -1 "
+                    "(from the cores) or >= 0")
   if not 0 <= config.data.mosaic_prob <= 1:
     problems.append(f"config.data.mosaic_prob={config.data.mosaic_prob}: expected [0, 1]")
   if config.data.root and not os.path.isdir(config.data.root):

@@ -1,5 +1,6 @@
-"""Image augmentation: query jitter and item Mosaic. Randomness comes from an explicit
-`np.random.Generator`; images go in as PIL RGB and come out as uint8 [S, S, 3].
+"""Image resizing and augmentation: the evaluation resize, query jitter and item Mosaic.
+Randomness comes from an explicit `np.random.Generator`; images go in as PIL RGB (or
+encoded bytes) and come out as uint8 [S, S, 3].
 
 Mosaic (as in the paper) tiles `grid x grid` item images into one image of the item
 size; each tile's target box moves with its tile, so one mosaic serves as the item of
@@ -14,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from tigerfg_jax.data import folder
+
 _RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -22,6 +25,15 @@ def resize(image: Image.Image, width: int, height: int) -> np.ndarray:
   if image.size != (width, height):
     image = image.resize((width, height), _RESAMPLE, reducing_gap=3.0)
   return np.asarray(image, np.uint8)
+
+
+def eval_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes -> uint8 `[size, size, 3]` as evaluation and search see them.
+
+  A JPEG decodes at the smallest draft scale that keeps both sides >= size, then the
+  whole image is squashed to size x size.
+  """
+  return resize(folder.decode_rgb(data, size), size, size)
 
 
 def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int,
