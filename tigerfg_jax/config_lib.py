@@ -121,6 +121,9 @@ def _data_config(preset: str) -> ml_collections.ConfigDict:
       # Grain worker processes building training examples: 0 = threads of the training
       # process; -1 = the cores this process may use less 2 (pipeline.worker_count).
       worker_count=-1 if preset == "b16" else 0,
+      # True: the train step flips and colour-jitters the queries on the accelerator
+      # (data/device_augment.py); the input pipeline only crops them.
+      device_augment=preset == "b16",
       vocab_size=512,               # size of the tokenizer trained on train titles.
       tokenizer=ml_collections.FieldReference(None, field_type=str),  # user vocab file.
   ))

@@ -64,12 +64,17 @@ def color_jitter(pixels: np.ndarray, rng: np.random.Generator,
   return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
-def augment_query(image: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
-  """Training query: random resized crop, horizontal flip (p=0.5), colour jitter.
+def augment_query(image: Image.Image, rng: np.random.Generator, size: int,
+                  flip_and_jitter: bool = True) -> np.ndarray:
+  """Training query: random resized crop, then (unless `flip_and_jitter` is False:
+  the train step does them, tigerfg_jax/data/device_augment.py) horizontal flip (p=0.5)
+  and colour jitter.
 
   Returns uint8 [size, size, 3].
   """
   crop = random_resized_crop(image, rng, size)
+  if not flip_and_jitter:
+    return np.asarray(crop, np.uint8)
   if rng.random() < 0.5:
     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return color_jitter(np.asarray(crop, np.uint8), rng)

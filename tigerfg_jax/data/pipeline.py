@@ -5,7 +5,8 @@ epoch) -> repeat -> this process's slice (elements p, p + P, ...: disjoint acros
 processes and, together, the global stream) -> units of grid^2 consecutive records
 (`_BatchUnits`: each batch of `batch_size // P` records cut into units) -> a per-unit
 `random_map` building the unit's examples (in Grain worker processes when
-`data.worker_count` != 0) -> the units of a batch concatenated into the batch dict of
+`data.worker_count` != 0; queries are flipped and jittered here unless
+`data.device_augment`, when the train step does it) -> the units of a batch concatenated into the batch dict of
 docs/ARCHITECTURE.md. In each batch a random number of Mosaic groups (expected fraction
 `mosaic_prob` of the examples) come first: each is one unit, whose grid^2 examples share
 one mosaic of their item images, each with its tile's title, box and spatial target; the
@@ -180,6 +181,7 @@ class _TrainUnit:
   grid: int
   mosaic_prob: float
   mosaic_grid: int
+  flip_and_jitter: bool
   batch_size: int
   layout_seed: int
 
@@ -225,7 +227,8 @@ class _TrainUnit:
     mosaic = position < self.num_mosaics(batch_index)
     item_image = self._item_images(item_rows, boxes, has_box, mosaic)
     query_image = np.stack([
-        augment.augment_query(folder.decode_rgb(q["image"], self.query_size), rng, self.query_size)
+        augment.augment_query(folder.decode_rgb(q["image"], self.query_size), rng,
+                              self.query_size, self.flip_and_jitter)
         for q in queries])
     return {
         "query_image": query_image,
@@ -336,7 +339,7 @@ def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_conf
       query_size=data_config.query_image_size,
       grid=spatial.grid_size(data_config.item_image_size, patch_size),
       mosaic_prob=data_config.mosaic_prob, mosaic_grid=data_config.mosaic_grid,
-      batch_size=local_batch, layout_seed=int(layout_seed))
+      flip_and_jitter=not data_config.device_augment, batch_size=local_batch, layout_seed=int(layout_seed))
   records = (grain.MapDataset.source(split.queries)
              .shuffle(seed=seed)
              .repeat()[process_index::process_count])
