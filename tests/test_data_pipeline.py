@@ -263,6 +263,11 @@ def test_worker_count_from_the_cores():
   assert pipeline.worker_count(-1) == max(1, cores - 2)
   with pytest.raises(ValueError, match="data.worker_count"):
     pipeline.worker_count(-2)
+  config = config_lib.experiment_config("distill", "b16")
+  assert config.data.worker_count == -1 and config.data.device_augment
+  config.data.worker_count = -2
+  with pytest.raises(ValueError, match=r"config.data.worker_count=-2"):
+    config_lib.validate(config)
 
 
 def test_split_stored_at_another_size_is_refused(root, tmp_path, tokenizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from PIL import Image
 
 from tigerfg_jax.data import augment, device_augment
 
@@ -58,3 +59,12 @@ def test_augment_queries_touches_only_queries_and_depends_on_the_key():
   flip, factors = device_augment.draw(jax.random.PRNGKey(0), 8)
   expected = _reference(batch["query_image"], np.asarray(flip), np.asarray(factors))
   assert np.abs(np.asarray(a["query_image"]).astype(int) - expected).max() <= 1
+
+
+def test_host_only_crops_when_the_device_jitters():
+  image = Image.fromarray(_images(count=1, side=40, seed=4)[0])
+  crop_only = augment.augment_query(image, np.random.default_rng(2), 16, flip_and_jitter=False)
+  crop = np.asarray(augment.random_resized_crop(image, np.random.default_rng(2), 16), np.uint8)
+  np.testing.assert_array_equal(crop_only, crop)
+  full = augment.augment_query(image, np.random.default_rng(2), 16)
+  assert not np.array_equal(full, crop)

@@ -291,7 +291,7 @@ class TrainIterator:
     self._next_index = index
 
   def close(self) -> None:
-    if self._iterator is not None and hasattr(self._iterator, "close"):
+    if self._iterator is not None:
       self._iterator.close()
     self._iterator = None
 
