@@ -4,9 +4,10 @@ Each split becomes two tfds datasets written by `GeneratorBasedBuilder`s with
 `file_format="array_record"`: `ItemRecords` (row, item_id, title, encoded image bytes,
 the file's width and height) and `QueryRecords` (row, query_id, encoded image bytes,
 positive item rows, box in the item file's pixels, has_box). Features are raw (bytes
-tensors, Text, ints), which tfds writes and reads without TensorFlow. tfds stores records in a hashed key order, so
-every record keeps its `row` (its index in the folder's valid lines) and the cache keeps
-the row -> record map; `RecordSource` reads by row.
+tensors, Text, ints), which tfds writes and reads without TensorFlow. tfds stores
+records in a hashed key order, so every record keeps its `row` (its index in the
+folder's valid lines) and the cache keeps the row -> record map; `RecordSource` reads by
+row.
 
 Cache entry: `<cache_dir>/<split>-<fingerprint>/` with `items/`, `queries/` (tfds data
 dirs) and `metadata.json` (ids, titles, positives, boxes, skipped problems, shard

@@ -6,12 +6,13 @@ processes and, together, the global stream) -> units of grid^2 consecutive recor
 (`_BatchUnits`: each batch of `batch_size // P` records cut into units) -> a per-unit
 `random_map` building the unit's examples (in Grain worker processes when
 `data.worker_count` != 0; queries are flipped and jittered here unless
-`data.device_augment`, when the train step does it) -> the units of a batch
-concatenated into the batch dict of docs/ARCHITECTURE.md. In each batch a random
-number of Mosaic groups (expected fraction `mosaic_prob` of the examples) come first:
-each is one unit, whose grid^2 examples share one mosaic of their item images, each with
-its tile's title, box and spatial target; the rest use their item image alone. A mosaic example always has a box: its item's box moved
-into its tile, or the whole tile when the item's box is unknown (the item fills its tile).
+`data.device_augment`, when the train step does it) -> the units of a batch concatenated
+into the batch dict of docs/ARCHITECTURE.md. In each batch a random number of Mosaic
+groups (expected fraction `mosaic_prob` of the examples) come first: each is one unit,
+whose grid^2 examples share one mosaic of their item images, each with its tile's title,
+box and spatial target; the rest use their item image alone. A mosaic example always has
+a box: its item's box moved into its tile, or the whole tile when the item's box is
+unknown (the item fills its tile).
 
 An example is one query: its item is one of its positives drawn at random; its box is
 known when that item is `item_ids[0]` (the box's reference image) and the query has a
