@@ -213,12 +213,68 @@ def test_eval_batches_in_order_padded(root, split, tokenizer):
     _assert_same(a, b)
 
 
-def test_worker_processes_give_the_same_batches(split, tokenizer):
+def test_worker_processes_give_the_same_batches_and_resume_across_counts(split, tokenizer):
   flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (GOTCHAS.md).
-  _, expected = _batches(split, tokenizer, 2, seed=4)
-  iterator, batches = _batches(split, tokenizer, 2, seed=4, worker_count=1)
+  _, expected = _batches(split, tokenizer, 5, seed=4)
+  iterator, batches = _batches(split, tokenizer, 2, seed=4, worker_count=2)
   try:
-    for x, y in zip(expected, batches):
-      _assert_same(x, y)
+    state = json.loads(json.dumps(iterator.get_state()))
+    batches += [next(iterator) for _ in range(3)]
   finally:
     iterator.close()
+  for x, y in zip(expected, batches):
+    _assert_same(x, y)
+  # The state is the same for any worker count: restore it in-process.
+  _, resumed = _batches(split, tokenizer, 3, seed=4, start_state=state)
+  for x, y in zip(expected[2:], resumed):
+    _assert_same(x, y)
+
+
+def test_units_follow_batches_when_tiles_do_not_divide_them(split, tokenizer):
+  # 10 examples, 2x2 mosaics: units of 4, 4, 2; at mosaic_prob 1 the two full units
+  # are mosaics and the last two examples are originals.
+  batch_size = 10
+  _, batches = _batches(split, tokenizer, 5, batch_size=batch_size, mosaic_prob=1.0)
+  _, plain = _batches(split, tokenizer, 5, batch_size=batch_size, mosaic_prob=0.0)
+  for batch, other in zip(batches, plain):
+    images = batch["item_image"]
+    for start in (0, 4):
+      assert all(np.array_equal(images[start], images[e]) for e in range(start, start + 4))
+    assert not np.array_equal(images[0], images[4])
+    for e in (8, 9):
+      np.testing.assert_array_equal(
+          images[e], augment.resize(_item_pixels(split, batch["group"][e]), SIZE, SIZE))
+    # Mosaics change item images and boxes, not which queries the batch holds.
+    np.testing.assert_array_equal(batch["group"], other["group"])
+  steps = split.num_queries // batch_size
+  groups = [g for b in batches[:steps] for g in b["group"].tolist()]
+  assert len(set(groups)) == len(groups)
+
+
+def test_set_state_refuses_a_foreign_state(split, tokenizer):
+  iterator, _ = _batches(split, tokenizer, 0)
+  with pytest.raises(ValueError, match="next_index"):
+    iterator.set_state({"next_index": 2, "workers": [0]})
+
+
+def test_worker_count_from_the_cores():
+  cores = len(os.sched_getaffinity(0))
+  assert pipeline.worker_count(3) == 3 and pipeline.worker_count(0) == 0
+  assert pipeline.worker_count(-1) == max(1, cores - 2)
+  with pytest.raises(ValueError, match="data.worker_count"):
+    pipeline.worker_count(-2)
+  config = config_lib.experiment_config("distill", "b16")
+  assert config.data.worker_count == -1 and config.data.device_augment
+  config.data.worker_count = -2
+  with pytest.raises(ValueError, match=r"config.data.worker_count=-2"):
+    config_lib.validate(config)
+
+
+def test_split_stored_at_another_size_is_refused(root, tmp_path, tokenizer):
+  sized = pipeline.load_split(root, "train", cache_dir=str(tmp_path), item_size=16,
+                              query_size=SIZE)
+  with pytest.raises(ValueError, match="data.item_image_size=32"):
+    _batches(sized, tokenizer, 1)
+  with pytest.raises(ValueError, match="stores images at 16 px"):
+    pipeline.eval_item_batches(sized, tokenizer, _data_config(), batch_size=4,
+                               max_title_len=MAX_LEN)

@@ -88,6 +88,8 @@ class Preset:
                                 # min(items, 50))).
   clutter_grid: int             # cells per side of a synthetic cluttered image.
   mosaic_prob: float
+  worker_count: int             # Grain worker processes (-1: from the cores).
+  device_augment: bool          # query flip + colour jitter in the train step.
   # Training.
   steps: int
   batch_size: int
@@ -101,7 +103,7 @@ PRESETS = {
         max_title_len=16, pooling_slots=2, pooling_heads=2, pooling_mlp_dim=64,
         dtype="float32", remat="none", item_image_size=32, query_image_size=32,
         synthetic_items=48, synthetic_eval_items=0, clutter_grid=2, mosaic_prob=0.5,
-        steps=6, batch_size=8, learning_rate=1e-3),
+        worker_count=0, device_augment=False, steps=6, batch_size=8, learning_rate=1e-3),
     # The CPU default: minutes. Mosaic is rare at 64 px: a 2x2 tile halves a product
     # to a few patches, and at 0.5 eval_normal R@1 fell by 13 points. 2 clutter cells
     # keep a target at 3-4 patches a side, as 0.3 of a 224 px image is at 16 px patches.
@@ -110,14 +112,14 @@ PRESETS = {
         max_title_len=16, pooling_slots=4, pooling_heads=4, pooling_mlp_dim=192,
         dtype="float32", remat="none", item_image_size=64, query_image_size=64,
         synthetic_items=3200, synthetic_eval_items=200, clutter_grid=2, mosaic_prob=0.1,
-        steps=300, batch_size=32, learning_rate=1e-3),
+        worker_count=0, device_augment=False, steps=300, batch_size=32, learning_rate=1e-3),
     # The paper's ViT-B/16 query tower, for accelerators.
     "b16": Preset(
         vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
         max_title_len=32, pooling_slots=8, pooling_heads=8, pooling_mlp_dim=1024,
         dtype="bfloat16", remat="dots", item_image_size=224, query_image_size=224,
         synthetic_items=4000, synthetic_eval_items=0, clutter_grid=3, mosaic_prob=0.5,
-        steps=20_000, batch_size=1024, learning_rate=5e-4),
+        worker_count=-1, device_augment=True, steps=20_000, batch_size=1024, learning_rate=5e-4),
 }
 
 
@@ -172,7 +174,12 @@ def _data_config(p: Preset) -> ml_collections.ConfigDict:
       mosaic_prob=p.mosaic_prob,    # fraction of training items drawn as mosaics.
       mosaic_grid=2,                # mosaic of grid x grid tiles.
       skip_bad=False,               # skip invalid records (counted) instead of failing.
-      worker_count=0,               # grain worker processes (0 = in-process).
+      # Grain worker processes building training examples: 0 = threads of the training
+      # process; -1 = the cores this process may use less 2 (pipeline.worker_count).
+      worker_count=p.worker_count,
+      # True: the train step flips and colour-jitters the queries on the accelerator
+      # (data/device_augment.py); the input pipeline only crops them.
+      device_augment=p.device_augment,
       vocab_size=512,               # size of the tokenizer trained on train titles.
       tokenizer=ml_collections.FieldReference(None, field_type=str),  # user vocab file.
   ))
@@ -354,6 +361,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if _get(config, key) % config.model.patch_size:
       problems.append(f"config.{key}={_get(config, key)} is not a multiple of "
                       f"config.model.patch_size={config.model.patch_size}")
+  if config.data.worker_count < -1:
+    problems.append(f"config.data.worker_count={config.data.worker_count}: expected -1 "
+                    "(from the cores) or >= 0")
   if not 0 <= config.data.mosaic_prob <= 1:
     problems.append(f"config.data.mosaic_prob={config.data.mosaic_prob}: expected [0, 1]")
   if config.data.root and not os.path.isdir(config.data.root):

@@ -69,6 +69,7 @@ _SAVED_BEFORE = {
     ("data", "synthetic_eval_items"): lambda s: 0,
     ("data", "synthetic_clutter_grid"): lambda s: 3,
     ("teacher", "init_student"): lambda s: False,
+    ("data", "device_augment"): lambda s: False,
 }
 # Keys that runs saved before they moved: their value's new place (None: dropped).
 _MOVED = {
@@ -165,18 +166,28 @@ def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   return catalog_root(config.data, workdir)
 
 
+def _stored_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Images are cached at the sizes the run reads them (`ingest.stored_image`)."""
+  return dict(item_size=config.data.item_image_size,
+              query_size=config.data.query_image_size)
+
+
 def load_split(config: ml_collections.ConfigDict, workdir: str, name: str,
-               root: str | None = None) -> pipeline.Split:
-  """The validated split `name` of the run's dataset (or of `root`), ingested once."""
+               root: str | None = None, *, full_size: bool = False) -> pipeline.Split:
+  """The validated split `name` of the run's dataset (or of `root`), ingested once.
+
+  `full_size`: the files' own images (for figures) instead of the run's sizes.
+  """
   root = root or data_root(config, workdir)
+  sizes = {} if full_size else _stored_sizes(config)
   return pipeline.load_split(root, name, cache_dir=config.data.cache_dir,
-                             skip_bad=config.data.skip_bad)
+                             skip_bad=config.data.skip_bad, **sizes)
 
 
 def load_splits(config: ml_collections.ConfigDict, root: str) -> dict[str, pipeline.Split]:
   """`train` and every `eval*` split of `root`; one DatasetError lists all problems."""
   return pipeline.load_splits(root, cache_dir=config.data.cache_dir,
-                              skip_bad=config.data.skip_bad)
+                              skip_bad=config.data.skip_bad, **_stored_sizes(config))
 
 
 def load_tokenizer(workdir: str) -> TitleTokenizer:

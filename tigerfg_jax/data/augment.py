@@ -1,5 +1,6 @@
-"""Image augmentation: query jitter and item Mosaic. Randomness comes from an explicit
-`np.random.Generator`; images go in as PIL RGB and come out as uint8 [S, S, 3].
+"""Image resizing and augmentation: the evaluation resize, query jitter and item Mosaic.
+Randomness comes from an explicit `np.random.Generator`; images go in as PIL RGB (or
+encoded bytes) and come out as uint8 [S, S, 3].
 
 Mosaic (as in the paper) tiles `grid x grid` item images into one image of the item
 size; each tile's target box moves with its tile, so one mosaic serves as the item of
@@ -14,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from tigerfg_jax.data import folder
+
 _RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -22,6 +25,15 @@ def resize(image: Image.Image, width: int, height: int) -> np.ndarray:
   if image.size != (width, height):
     image = image.resize((width, height), _RESAMPLE, reducing_gap=3.0)
   return np.asarray(image, np.uint8)
+
+
+def eval_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes -> uint8 `[size, size, 3]` as evaluation and search see them.
+
+  A JPEG decodes at the smallest draft scale that keeps both sides >= size, then the
+  whole image is squashed to size x size.
+  """
+  return resize(folder.decode_rgb(data, size), size, size)
 
 
 def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int,
@@ -52,12 +64,17 @@ def color_jitter(pixels: np.ndarray, rng: np.random.Generator,
   return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
-def augment_query(image: Image.Image, rng: np.random.Generator, size: int) -> np.ndarray:
-  """Training query: random resized crop, horizontal flip (p=0.5), colour jitter.
+def augment_query(image: Image.Image, rng: np.random.Generator, size: int,
+                  flip_and_jitter: bool = True) -> np.ndarray:
+  """Training query: random resized crop, then (unless `flip_and_jitter` is False:
+  the train step does them, tigerfg_jax/data/device_augment.py) horizontal flip (p=0.5)
+  and colour jitter.
 
   Returns uint8 [size, size, 3].
   """
   crop = random_resized_crop(image, rng, size)
+  if not flip_and_jitter:
+    return np.asarray(crop, np.uint8)
   if rng.random() < 0.5:
     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return color_jitter(np.asarray(crop, np.uint8), rng)

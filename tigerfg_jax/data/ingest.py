@@ -2,18 +2,27 @@
 
 Each split becomes two tfds datasets written by `GeneratorBasedBuilder`s with
 `file_format="array_record"`: `ItemRecords` (row, item_id, title, encoded image bytes,
-width, height) and `QueryRecords` (row, query_id, encoded image bytes, positive item
-rows, box in item pixels, has_box). Features are raw (bytes tensors, Text, ints), which
-tfds writes and reads without TensorFlow. tfds stores records in a hashed key order, so
-every record keeps its `row` (its index in the folder's valid lines) and the cache keeps
-the row -> record map; `RecordSource` reads by row.
+the file's width and height) and `QueryRecords` (row, query_id, encoded image bytes,
+positive item rows, box in the item file's pixels, has_box). Features are raw (bytes
+tensors, Text, ints), which tfds writes and reads without TensorFlow. tfds stores
+records in a hashed key order, so every record keeps its `row` (its index in the
+folder's valid lines) and the cache keeps the row -> record map; `RecordSource` reads by
+row.
 
 Cache entry: `<cache_dir>/<split>-<fingerprint>/` (`cache_dir` defaults to
 `<root>/.cache`; `data.cache_dir` moves it out of a read-only dataset folder) with
 `items/`, `queries/` (tfds data dirs) and `metadata.json` (ids, titles, positives,
-boxes, skipped problems, shard sizes, row -> record maps). The fingerprint covers the jsonl contents, every file's
-path, size and mtime under the split folder, and `skip_bad`; an entry is built in a
-temporary folder and renamed into place, so a reader never sees half an entry.
+boxes, skipped problems, shard sizes, row -> record maps, stored image sizes). The
+fingerprint covers the jsonl contents, every file's path, size and mtime under the split
+folder, `skip_bad` and the stored image sizes; an entry is built in a temporary folder
+and renamed into place, so a reader never sees half an entry.
+
+Images are stored at the size the pipelines read them (`stored_image`): with an item
+size S an item image larger than S x S is kept as the lossless PNG of what evaluation
+makes of it (`augment.eval_image(file, S)`, squashed to S x S), so training decodes a
+small image and evaluation gives the same pixels as from the file; an image that fits in
+S x S, or any image when the size is None, keeps the file's bytes. Queries likewise at
+their size.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -33,11 +43,12 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
+from PIL import Image
 
-from tigerfg_jax.data import folder
+from tigerfg_jax.data import augment, folder
 
 # Bump when the record layout or metadata change, so old cache entries are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _METADATA = "metadata.json"
 
 
@@ -71,7 +82,7 @@ class _SplitRecords(tfds.core.GeneratorBasedBuilder):
 
 
 class ItemRecords(_SplitRecords):
-  """Item records: `image` holds the file's encoded bytes as they are."""
+  """Item records: `image` holds `stored_image` of the file; width, height the file's."""
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -85,7 +96,8 @@ class ItemRecords(_SplitRecords):
 
 
 class QueryRecords(_SplitRecords):
-  """Query records: `positives` are item rows; `box` item pixels (0s when no box)."""
+  """Query records: `image` holds `stored_image` of the file; `positives` are item rows;
+  `box` is in pixels of the file of item `positives[0]` (0s when no box)."""
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -141,9 +153,30 @@ class Ingested:
                         self.metadata["record_of_row"][kind])
 
 
-def fingerprint(split_dir: str, skip_bad: bool) -> str:
-  """Hex digest that changes when anything in the split folder changes."""
-  digest = hashlib.sha256(f"format={FORMAT_VERSION} skip_bad={skip_bad}".encode())
+def stored_image(data: bytes, size: int | None) -> bytes:
+  """The bytes the cache keeps of an image file that pipelines read at `size` x `size`.
+
+  None, or an image that fits in size x size: the file's bytes. A larger image: the PNG
+  of `augment.eval_image(data, size)`. PNG is lossless, so evaluation of the stored
+  image gives the pixels evaluation of the file gives: `eval_image(stored, size) ==
+  eval_image(data, size)` (an S x S PNG is neither drafted nor resized).
+  """
+  if size is None:
+    return data
+  with Image.open(io.BytesIO(data)) as image:
+    width, height = image.size
+  if width <= size and height <= size:
+    return data
+  out = io.BytesIO()
+  Image.fromarray(augment.eval_image(data, size)).save(out, "PNG")
+  return out.getvalue()
+
+
+def fingerprint(split_dir: str, skip_bad: bool, item_size: int | None = None,
+                query_size: int | None = None) -> str:
+  """Hex digest that changes when anything in the split folder or the sizes change."""
+  digest = hashlib.sha256(f"format={FORMAT_VERSION} skip_bad={skip_bad} "
+                          f"item_size={item_size} query_size={query_size}".encode())
   for dirpath, dirnames, filenames in os.walk(split_dir):
     dirnames.sort()
     for name in sorted(filenames):
@@ -162,17 +195,17 @@ def _file_bytes(records: folder.SplitRecords, relative: str) -> bytes:
     return f.read()
 
 
-def _item_examples(records: folder.SplitRecords):
+def _item_examples(records: folder.SplitRecords, size: int | None):
   for item in records.items:
     yield item.row, {"row": item.row, "item_id": item.item_id, "title": item.title,
-                     "image": _file_bytes(records, item.image), "width": item.width,
-                     "height": item.height}
+                     "image": stored_image(_file_bytes(records, item.image), size),
+                     "width": item.width, "height": item.height}
 
 
-def _query_examples(records: folder.SplitRecords):
+def _query_examples(records: folder.SplitRecords, size: int | None):
   for query in records.queries:
     yield query.row, {"row": query.row, "query_id": query.query_id,
-                      "image": _file_bytes(records, query.image),
+                      "image": stored_image(_file_bytes(records, query.image), size),
                       "positives": np.asarray(query.positives, np.int64),
                       "box": np.asarray(query.box or (0, 0, 0, 0), np.float32),
                       "has_box": query.box is not None}
@@ -209,7 +242,8 @@ def _write_table(data_dir: str, kind: str, examples) -> tuple[list[int], dict[st
   return record_of_row, shards
 
 
-def _build(records: folder.SplitRecords, entry: str, fp: str) -> dict[str, Any]:
+def _build(records: folder.SplitRecords, entry: str, fp: str, item_size: int | None,
+           query_size: int | None) -> dict[str, Any]:
   metadata = {
       "format": FORMAT_VERSION, "split": records.name, "fingerprint": fp,
       "item_ids": [i.item_id for i in records.items],
@@ -219,9 +253,10 @@ def _build(records: folder.SplitRecords, entry: str, fp: str) -> dict[str, Any]:
       "query_positives": [list(q.positives) for q in records.queries],
       "query_boxes": [list(q.box) if q.box else None for q in records.queries],
       "skipped": records.skipped, "record_of_row": {}, "shards": {},
+      "stored_sizes": {"items": item_size, "queries": query_size},
   }
-  for kind, examples in (("items", _item_examples(records)),
-                         ("queries", _query_examples(records))):
+  for kind, examples in (("items", _item_examples(records, item_size)),
+                         ("queries", _query_examples(records, query_size))):
     record_of_row, shards = _write_table(os.path.join(entry, kind), kind, examples)
     metadata["record_of_row"][kind] = record_of_row
     metadata["shards"].update({os.path.join(kind, p): size for p, size in shards.items()})
@@ -251,24 +286,30 @@ def _temporary_entry(cache_dir: str, prefix: str) -> str:
 
 
 def ingest(root: str, split: str, *, cache_dir: str | None = None,
-           skip_bad: bool = False) -> Ingested:
+           skip_bad: bool = False, item_size: int | None = None,
+           query_size: int | None = None) -> Ingested:
   """Validates `root/split` and writes its shards, or reuses the cached ones.
 
-  `cache_dir` None: `<root>/.cache`. Raises DatasetError for invalid data (unless
-  `skip_bad`), for damaged shards and for a cache folder that cannot be written.
+  `cache_dir` None: `<root>/.cache`. `item_size` / `query_size`: the side the
+  pipelines read item / query images at (`stored_image`); None keeps the files' bytes.
+  Raises DatasetError for invalid data (unless `skip_bad`), for damaged shards and for
+  a cache folder that cannot be written.
   """
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     raise folder.DatasetError(f"{split_dir}: split folder does not exist")
   cache_dir = os.path.join(root, ".cache") if cache_dir is None else cache_dir
-  fp = fingerprint(split_dir, skip_bad)
+  for name, size in (("item_size", item_size), ("query_size", query_size)):
+    if size is not None and size < 1:
+      raise ValueError(f"ingest {split_dir}: {name}={size}; expected a positive side or None")
+  fp = fingerprint(split_dir, skip_bad, item_size, query_size)
   entry = os.path.join(cache_dir, f"{split}-{fp}")
   cached = os.path.exists(os.path.join(entry, _METADATA))
   if not cached:
     records = folder.read_split(root, split, skip_bad=skip_bad)
     tmp = _temporary_entry(cache_dir, f".{split}-{fp}-")
     try:
-      metadata = _build(records, tmp, fp)
+      metadata = _build(records, tmp, fp, item_size, query_size)
       with open(os.path.join(tmp, _METADATA), "w", encoding="utf-8") as f:
         json.dump(metadata, f)
       try:

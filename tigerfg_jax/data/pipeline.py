@@ -2,13 +2,17 @@
 
 Training (`train_iterator`): query records -> global shuffle (seed, reshuffled every
 epoch) -> repeat -> this process's slice (elements p, p + P, ...: disjoint across
-processes and, together, the global stream) -> batches of `batch_size // P` records ->
-one `random_map` that builds the batch dict of docs/ARCHITECTURE.md. In each batch a
-random number of Mosaic groups (expected fraction `mosaic_prob` of the examples) come
-first: grid^2 consecutive examples share one mosaic of their item images, each with its
-tile's title, box and spatial target; the rest use their item image alone. A mosaic
-example always has a box: its item's box moved into its tile, or the whole tile when
-the item's box is unknown (the item fills its tile).
+processes and, together, the global stream) -> units of grid^2 consecutive records
+(`_BatchUnits`: each batch of `batch_size // P` records cut into units) -> a per-unit
+`random_map` building the unit's examples (in Grain worker processes when
+`data.worker_count` != 0; queries are flipped and jittered here unless
+`data.device_augment`, when the train step does it) -> the units of a batch concatenated
+into the batch dict of docs/ARCHITECTURE.md. In each batch a random number of Mosaic
+groups (expected fraction `mosaic_prob` of the examples) come first: each is one unit,
+whose grid^2 examples share one mosaic of their item images, each with its tile's title,
+box and spatial target; the rest use their item image alone. A mosaic example always has
+a box: its item's box moved into its tile, or the whole tile when the item's box is
+unknown (the item fills its tile).
 
 An example is one query: its item is one of its positives drawn at random; its box is
 known when that item is `item_ids[0]` (the box's reference image) and the query has a
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Sequence
 
 import grain
@@ -30,9 +35,11 @@ import numpy as np
 
 from tigerfg_jax.data import augment, folder, ingest, spatial, tokenizer as tokenizer_lib
 
-# Batches built concurrently in each process: PIL releases the GIL while decoding and
+# Evaluation batches built concurrently: PIL releases the GIL while decoding and
 # resizing, so a few threads help; more only hold more batches in memory.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+# Re-exported: exported.py and box_oracle.py preprocess images with it.
+eval_image = augment.eval_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +47,10 @@ class Split:
   """One ingested split: ids and titles in folder order, and row-indexed sources.
 
   `items[row]` / `queries[row]` read the ArrayRecord rows (dicts with encoded `image`
-  bytes). `query_positives[q]` are item rows; `query_boxes[q]` is in pixels of the
-  image of item `query_positives[q][0]` (or None). `item_groups` int32 [num_items].
+  bytes, stored at `item_store_size` / `query_store_size` when not None: see
+  `ingest.stored_image`). `item_sizes` int64 [num_items, 2] are the item files' width,
+  height; `query_positives[q]` are item rows; `query_boxes[q]` is in pixels of the file
+  of item `query_positives[q][0]` (or None). `item_groups` int32 [num_items].
   """
   name: str
   item_ids: list[str]
@@ -54,6 +63,8 @@ class Split:
   items: ingest.RecordSource
   queries: ingest.RecordSource
   skipped: list[str]
+  item_store_size: int | None = None
+  query_store_size: int | None = None
 
   @property
   def num_items(self) -> int:
@@ -85,12 +96,17 @@ def positive_groups(num_items: int, query_positives: Sequence[Sequence[int]]) ->
 
 
 def load_split(root: str, split: str, *, cache_dir: str | None = None,
-               skip_bad: bool = False) -> Split:
+               skip_bad: bool = False, item_size: int | None = None,
+               query_size: int | None = None) -> Split:
   """Validates and ingests `root/split` (or reuses its cache entry) and opens it.
 
-  `cache_dir` None: `<root>/.cache` (config key `data.cache_dir`).
+  `cache_dir` None: `<root>/.cache` (config key `data.cache_dir`). `item_size` /
+  `query_size`: store images at the sides the pipelines read (`data.item_image_size` /
+  `data.query_image_size`; see `ingest.stored_image`), so training decodes small
+  images; None keeps the files' bytes (full-size figures).
   """
-  entry = ingest.ingest(root, split, cache_dir=cache_dir, skip_bad=skip_bad)
+  entry = ingest.ingest(root, split, cache_dir=cache_dir, skip_bad=skip_bad,
+                        item_size=item_size, query_size=query_size)
   meta = entry.metadata
   return Split(
       name=split,
@@ -104,23 +120,73 @@ def load_split(root: str, split: str, *, cache_dir: str | None = None,
       items=entry.source("items"),
       queries=entry.source("queries"),
       skipped=meta["skipped"],
+      item_store_size=meta["stored_sizes"]["items"],
+      query_store_size=meta["stored_sizes"]["queries"],
   )
 
 
-def load_splits(root: str, *, cache_dir: str | None = None,
-                skip_bad: bool = False) -> dict[str, Split]:
+def load_splits(root: str, *, cache_dir: str | None = None, skip_bad: bool = False,
+                item_size: int | None = None,
+                query_size: int | None = None) -> dict[str, Split]:
   """`load_split` of every split of `root` ('train', then the eval splits), by name.
 
   Raises one DatasetError with the problems of every bad split, not only the first.
   """
   return folder.collect_errors(
       root, folder.split_names(root),
-      lambda name: load_split(root, name, cache_dir=cache_dir, skip_bad=skip_bad))
+      lambda name: load_split(root, name, cache_dir=cache_dir, skip_bad=skip_bad,
+                              item_size=item_size, query_size=query_size))
+
+
+def _check_stored_sizes(split: Split, data_config) -> None:
+  """Images stored at one size and read at another would be resized twice."""
+  for stored, key in ((split.item_store_size, "item_image_size"),
+                      (split.query_store_size, "query_image_size")):
+    if stored is not None and stored != data_config[key]:
+      raise ValueError(f"split {split.name!r} stores images at {stored} px but "
+                       f"data.{key}={data_config[key]}: load it with the config's sizes")
+
+
+def _units_per_batch(batch_size: int, tiles: int) -> int:
+  return -(-batch_size // tiles)
+
+
+class _BatchUnits(grain.MapDataset):
+  """Element k: `(k, records)`: unit k % U of batch k // U of the `parent` records.
+
+  Batch b is the records `b * batch_size ...`; it is cut into U = ceil(batch_size /
+  tiles) units of `tiles` consecutive records (the last one shorter when tiles does not
+  divide the batch). A unit is built by one map call, so a Mosaic group never spans two
+  calls, and the batch is the concatenation of its U units.
+  """
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int, tiles: int):
+    super().__init__(parent)
+    self._batch_size, self._tiles = batch_size, tiles
+    self.units_per_batch = _units_per_batch(batch_size, tiles)
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._batch_size * self.units_per_batch
+
+  def __str__(self) -> str:
+    return f"_BatchUnits(batch_size={self._batch_size}, tiles={self._tiles})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, unit = divmod(index, self.units_per_batch)
+    start = batch * self._batch_size + unit * self._tiles
+    stop = min(start + self._tiles, (batch + 1) * self._batch_size)
+    return index, [self._parent[i] for i in range(start, stop)]
 
 
 @dataclasses.dataclass(frozen=True)
-class _TrainBatch:
-  """Builds one training batch from a list of query records (a grain random_map)."""
+class _TrainUnit:
+  """Builds the examples of one unit `(k, query records)` (a grain random_map).
+
+  Units `0 .. m - 1` of a batch are Mosaic groups, where m (`num_mosaics`) depends only
+  on the batch index and `layout_seed`, so every unit of a batch agrees on it.
+  """
   items: ingest.RecordSource
   item_sizes: np.ndarray
   item_groups: np.ndarray
@@ -131,43 +197,54 @@ class _TrainBatch:
   grid: int
   mosaic_prob: float
   mosaic_grid: int
+  flip_and_jitter: bool
+  batch_size: int
+  layout_seed: int
 
-  def _num_mosaics(self, batch: int, rng: np.random.Generator) -> int:
-    """Mosaics in this batch; on average mosaic_prob * batch examples are in one."""
+  def num_mosaics(self, batch_index: int) -> int:
+    """Mosaics in batch `batch_index`; on average mosaic_prob * batch_size examples are
+    in one."""
+    rng = np.random.default_rng([self.layout_seed, batch_index])
     tiles = self.mosaic_grid ** 2
-    expected = self.mosaic_prob * batch / tiles
+    expected = self.mosaic_prob * self.batch_size / tiles
     count = math.floor(expected) + int(rng.random() < expected - math.floor(expected))
-    return min(count, batch // tiles)
+    return min(count, self.batch_size // tiles)
 
-  def __call__(self, queries: list[dict[str, Any]],
+  def _item_images(self, item_rows: np.ndarray, boxes: np.ndarray, has_box: np.ndarray,
+                   mosaic: bool) -> np.ndarray:
+    """uint8 `[n, Si, Si, 3]`; for a mosaic, moves `boxes` into the tiles (in place)."""
+    size = self.item_size
+    if not mosaic:
+      return np.stack([augment.eval_image(self.items[int(r)]["image"], size)
+                       for r in item_rows])
+    images = [folder.decode_rgb(self.items[int(r)]["image"], size // self.mosaic_grid)
+              for r in item_rows]
+    for e, tile in enumerate(augment.mosaic_tiles(size, self.mosaic_grid)):
+      boxes[e] = augment.box_in_tile(boxes[e] if has_box[e] else None, tile, size)
+    has_box[:] = True
+    canvas = augment.mosaic(images, size, self.mosaic_grid)
+    return np.broadcast_to(canvas, (len(item_rows), *canvas.shape)).copy()
+
+  def __call__(self, unit: tuple[int, list[dict[str, Any]]],
                rng: np.random.Generator) -> dict[str, np.ndarray]:
-    b, size = len(queries), self.item_size
-    item_rows = np.empty(b, np.int64)
-    boxes = np.zeros((b, 4), np.float32)
-    has_box = np.zeros(b, bool)
+    index, queries = unit
+    batch_index, position = divmod(
+        index, _units_per_batch(self.batch_size, self.mosaic_grid ** 2))
+    n = len(queries)
+    item_rows = np.empty(n, np.int64)
+    boxes = np.zeros((n, 4), np.float32)
+    has_box = np.zeros(n, bool)
     for e, query in enumerate(queries):
       pick = int(rng.integers(len(query["positives"])))
       item_rows[e] = query["positives"][pick]
       if pick == 0 and query["has_box"]:
         boxes[e] = spatial.normalize_box(query["box"], *self.item_sizes[item_rows[e]])
         has_box[e] = True
-    item_image = np.empty((b, size, size, 3), np.uint8)
-    tiles = self.mosaic_grid ** 2
-    num_mosaic_examples = self._num_mosaics(b, rng) * tiles
-    rects = augment.mosaic_tiles(size, self.mosaic_grid)
-    for start in range(0, num_mosaic_examples, tiles):
-      group = range(start, start + tiles)
-      images = [folder.decode_rgb(self.items[int(item_rows[e])]["image"], size // self.mosaic_grid)
-                for e in group]
-      item_image[start:start + tiles] = augment.mosaic(images, size, self.mosaic_grid)
-      for tile, e in enumerate(group):
-        boxes[e] = augment.box_in_tile(boxes[e] if has_box[e] else None, rects[tile], size)
-        has_box[e] = True
-    for e in range(num_mosaic_examples, b):
-      image = folder.decode_rgb(self.items[int(item_rows[e])]["image"], size)
-      item_image[e] = augment.resize(image, size, size)
+    mosaic = position < self.num_mosaics(batch_index)
+    item_image = self._item_images(item_rows, boxes, has_box, mosaic)
     query_image = np.stack([
-        augment.augment_query(folder.decode_rgb(q["image"], self.query_size), rng, self.query_size)
+        augment.augment_query(folder.decode_rgb(q["image"], self.query_size), rng,
+                              self.query_size, self.flip_and_jitter)
         for q in queries])
     return {
         "query_image": query_image,
@@ -181,39 +258,127 @@ class _TrainBatch:
     }
 
 
-def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
-                   batch_size: int, patch_size: int, max_title_len: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Endless iterator of this process's training batches (`batch_size // process_count`).
+def _concatenate(units: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.concatenate([u[key] for u in units]) for key in units[0]}
 
-  Deterministic given `seed` (and the process index). The returned grain iterator has
-  `get_state()` (a JSON-serialisable dict) and `set_state(state)` for exact resume;
-  the state depends on `data_config.worker_count`, which must not change on resume.
+
+def worker_count(configured: int) -> int:
+  """Grain worker processes for `data.worker_count`: itself when >= 0; -1 = the cores
+  this process may use, less 2 (the training loop and the device transfers), at least 1."""
+  if configured >= 0:
+    return configured
+  if configured != -1:
+    raise ValueError(f"data.worker_count={configured}: expected -1 (from the cores) or >= 0")
+  return max(1, len(os.sched_getaffinity(0)) - 2)
+
+
+class TrainIterator:
+  """Endless iterator of training batches whose state is the number of batches taken.
+
+  `get_state()` is `{"next_index": batches returned}` (JSON), the same for every worker
+  count, so a run may resume on a machine with another number of cores; `set_state`
+  restarts the Grain pipeline at that batch. `close()` stops the worker processes.
+  """
+
+  def __init__(self, units: grain.MapDataset, units_per_batch: int, workers: int):
+    self._units, self._units_per_batch, self._workers = units, units_per_batch, workers
+    self._next_index = 0
+    self._iterator = None
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._start(self._next_index)
+    batch = next(self._iterator)
+    self._next_index += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self._next_index}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    index = state.get("next_index") if isinstance(state, dict) else None
+    if not isinstance(index, int) or index < 0 or set(state) != {"next_index"}:
+      raise ValueError(f"train iterator state {state!r}: expected {{'next_index': batches "
+                       "taken}, as get_state() returns")
+    self.close()
+    self._next_index = index
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
+    self._iterator = None
+
+  def _start(self, batch_index: int) -> grain.DatasetIterator:
+    u = self._units_per_batch
+    units = self._units[batch_index * u:]
+    if not self._workers:
+      # PIL releases the GIL while decoding and resizing, so two threads help.
+      dataset = units.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=u))
+    else:
+      # Units leave the workers in order (grain interleaves them by index), so the
+      # batches are the in-process ones.
+      share = -(-u // self._workers)
+      dataset = units.to_iter_dataset(
+          grain.ReadOptions(num_threads=1, prefetch_buffer_size=share)).mp_prefetch(
+              grain.MultiprocessingOptions(num_workers=self._workers,
+                                           per_worker_buffer_size=share))
+    return iter(dataset.batch(u, drop_remainder=True, batch_fn=_concatenate))
+
+
+def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
+                batch_size: int, patch_size: int, max_title_len: int, seed: int,
+                process_index: int = 0,
+                process_count: int = 1) -> tuple[grain.MapDataset, int]:
+  """This process's training units and how many make a batch.
+
+  Units: a random-access grain MapDataset of dicts with the batch keys of
+  docs/ARCHITECTURE.md and a leading dimension of at most `data.mosaic_grid ** 2`
+  examples; U consecutive units (from a multiple of U) make a batch of
+  `batch_size // process_count`. A unit is what a worker builds in one call.
   """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
   if not 0.0 <= data_config.mosaic_prob <= 1.0 or data_config.mosaic_grid < 1:
     raise ValueError(f"need 0 <= data.mosaic_prob <= 1 and data.mosaic_grid >= 1, got "
                      f"{data_config.mosaic_prob}, {data_config.mosaic_grid}")
+  _check_stored_sizes(split, data_config)
+  local_batch = batch_size // process_count
   tokens, mask = tokenizer.encode(split.titles, max_title_len)
-  build = _TrainBatch(
+  # One global order for all processes; augmentation seeds differ per process.
+  augment_seed, layout_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
+  build = _TrainUnit(
       items=split.items, item_sizes=split.item_sizes, item_groups=split.item_groups,
       title_tokens=tokens, title_mask=mask, item_size=data_config.item_image_size,
       query_size=data_config.query_image_size,
       grid=spatial.grid_size(data_config.item_image_size, patch_size),
-      mosaic_prob=data_config.mosaic_prob, mosaic_grid=data_config.mosaic_grid)
-  # One global order for all processes; augmentation seeds differ per process.
-  augment_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-  dataset = (grain.MapDataset.source(split.queries)
+      mosaic_prob=data_config.mosaic_prob, mosaic_grid=data_config.mosaic_grid,
+      flip_and_jitter=not data_config.device_augment, batch_size=local_batch,
+      layout_seed=int(layout_seed))
+  records = (grain.MapDataset.source(split.queries)
              .shuffle(seed=seed)
-             .repeat()[process_index::process_count]
-             .batch(batch_size // process_count, drop_remainder=True, batch_fn=list)
-             .random_map(build, seed=augment_seed)
-             .to_iter_dataset(_READ_OPTIONS))
-  if data_config.worker_count > 0:
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_config.worker_count))
-  return iter(dataset)
+             .repeat()[process_index::process_count])
+  units = _BatchUnits(records, local_batch, data_config.mosaic_grid ** 2)
+  return units.random_map(build, seed=int(augment_seed)), units.units_per_batch
+
+
+def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
+                   batch_size: int, patch_size: int, max_title_len: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> TrainIterator:
+  """Endless iterator of this process's training batches (`batch_size // process_count`).
+
+  Deterministic given `seed` (and the process index), whatever `data.worker_count`:
+  units are built per example group in `worker_count(data.worker_count)` Grain worker
+  processes (0: threads of this process) and batched here. See `TrainIterator` for the
+  resumable state.
+  """
+  units, units_per_batch = train_units(
+      split, tokenizer, data_config, batch_size=batch_size, patch_size=patch_size,
+      max_title_len=max_title_len, seed=seed, process_index=process_index,
+      process_count=process_count)
+  return TrainIterator(units, units_per_batch, worker_count(data_config.worker_count))
 
 
 def _padded(rows: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray]:
@@ -222,11 +387,6 @@ def _padded(rows: list[dict[str, Any]], batch_size: int) -> dict[str, np.ndarray
   index = np.full(batch_size, -1, np.int32)
   index[:len(rows)] = [int(r["row"]) for r in rows]
   return {"valid": valid, "index": index}
-
-
-def eval_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image bytes -> uint8 `[size, size, 3]` as evaluation and search see them."""
-  return augment.resize(folder.decode_rgb(data, size), size, size)
 
 
 def _eval_images(rows: list[dict[str, Any]], batch_size: int, size: int) -> np.ndarray:
@@ -269,6 +429,7 @@ def eval_item_batches(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, dat
   """The split's items in row order: dicts with `item_image` uint8 [B, Si, Si, 3],
   `title_tokens` int32 [B, L], `title_mask` bool [B, L], `valid` bool [B], `index`
   int32 [B]. Re-iterable; ceil(num_items / batch_size) batches."""
+  _check_stored_sizes(split, data_config)
   tokens, mask = tokenizer.encode(split.titles, max_title_len)
   return (grain.MapDataset.source(split.items)
           .batch(batch_size, batch_fn=list)
@@ -279,6 +440,7 @@ def eval_item_batches(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, dat
 def eval_query_batches(split: Split, data_config, *, batch_size: int) -> grain.IterDataset:
   """The split's queries in row order: dicts with `query_image` uint8 [B, Sq, Sq, 3],
   `valid` bool [B], `index` int32 [B]. Re-iterable; ceil(num_queries / batch_size)."""
+  _check_stored_sizes(split, data_config)
   return (grain.MapDataset.source(split.queries)
           .batch(batch_size, batch_fn=list)
           .map(_EvalQueryBatch(data_config.query_image_size, batch_size))

@@ -217,7 +217,7 @@ def figure_rows(workdir: str, split_name: str, n: int,
   if not os.path.isdir(os.path.join(root, split_name)):
     raise ValueError(f"--split={split_name!r}: the run's dataset {root} has splits "
                      f"{['train', *folder.eval_splits(root)]}")
-  split = workdir_lib.load_split(config, workdir, split_name, root)
+  split = workdir_lib.load_split(config, workdir, split_name, root, full_size=True)
   queries = pick_queries(split.num_queries, n, seed)
   if not queries:
     raise ValueError(f"split {split_name!r} has no queries")

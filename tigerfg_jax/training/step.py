@@ -19,6 +19,10 @@ import optax
 from tigerfg_jax import losses
 
 
+# `fold_in` data of the device augmentation's key (the loss uses the step key itself).
+_AUGMENT_STREAM = 1
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a checkpoint needs besides the data iterator state.
@@ -91,11 +95,17 @@ def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
   return loss_fn
 
 
-def make_update_fn(loss_fn: Callable[..., Any],
-                   optimizer: optax.GradientTransformation) -> Callable[..., Any]:
-  """`update(state, teacher_params, batch) -> (state, measurements)`."""
+def make_update_fn(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
+                   augment: Callable[..., Any] | None = None) -> Callable[..., Any]:
+  """`update(state, teacher_params, batch) -> (state, measurements)`.
+
+  `augment(batch, rng) -> batch` (e.g. `data.device_augment.augment_queries`) runs on
+  the device first, with its own key folded from the step's.
+  """
   def update(state: TrainState, teacher_params: Any, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
+    if augment is not None:
+      batch = augment(batch, jax.random.fold_in(rng, _AUGMENT_STREAM))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (terms, temperature)), grads = grad_fn(state.params, teacher_params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -8,6 +8,7 @@ teacher first in WORKDIR/teacher when `config.teacher.checkpoint` is not given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable
@@ -23,12 +24,14 @@ from jax.experimental import multihost_utils
 from tigerfg_jax import config_lib
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
+from tigerfg_jax.data import device_augment
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.evaluation import evaluators
 from tigerfg_jax.models import factory
 from tigerfg_jax.models import towers
 from tigerfg_jax.training import metric_writer
 from tigerfg_jax.training import optim
+from tigerfg_jax.training import prefetch
 from tigerfg_jax.training import preemption
 from tigerfg_jax.training import step as step_lib
 
@@ -163,7 +166,8 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                        else jax.tree.map(lambda a: a.sharding, teacher_params))
   loss_fn = step_lib.make_loss_fn(model, teacher_model, config.stage, config.loss)
   batch_sharding = sharding.batch_sharding(mesh)
-  update = jax.jit(step_lib.make_update_fn(loss_fn, optimizer),
+  augment = device_augment.augment_queries if config.data.device_augment else None
+  update = jax.jit(step_lib.make_update_fn(loss_fn, optimizer, augment),
                    in_shardings=(state_shardings, teacher_shardings, batch_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
   return Trainer(model=model,
@@ -252,9 +256,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writer.MetricWriter(workdir)
   timer = metric_writer.StepTimer(first, total, batch_size)
   final_results: dict[str, Any] = {}
-  with preemption.PreemptionWatch() as watch:
+  prefetcher = prefetch.DevicePrefetcher(
+      train_iter, lambda host: sharding.global_batch(host, trainer.batch_sharding))
+  waited = 0.0
+  with preemption.PreemptionWatch() as watch, prefetcher, contextlib.closing(train_iter):
     for step in range(first + 1, last + 1):
-      batch = sharding.global_batch(next(train_iter), trainer.batch_sharding)
+      batch, data_state = prefetcher.next()
       state, measurements = trainer.update(state, teacher_params, batch)
       preempted = watch.requested(step)
       is_log = step % config.train.log_every == 0 or step == last
@@ -267,11 +274,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               f"loss is {scalars['loss']} at step {step} ({scalars}); stopping. The last "
               f"good checkpoint is step {manager.latest_step()} in {manager.directory}")
         scalars.update(timer.tick(step))
+        scalars["data_wait_s"], waited = prefetcher.data_wait_s - waited, prefetcher.data_wait_s
         if is_log:
           writer.write(step, scalars)
           metric_writer.log_progress(step, total, scalars)
       if is_ckpt:
-        workdir_lib.save_checkpoint(manager, step, state, train_iter.get_state())
+        workdir_lib.save_checkpoint(manager, step, state, data_state)
       if preempted:
         manager.wait_until_finished()
         writer.close()
