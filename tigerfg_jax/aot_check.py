@@ -18,6 +18,7 @@ over the stages), for scripts.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -44,9 +45,12 @@ def topology_mesh(topology: str, mesh_config: ml_collections.ConfigDict) -> jax.
   try:
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   except (RuntimeError, ValueError, NotImplementedError) as e:
-    raise UsageError(f"--topology={topology!r}: not a TPU topology libtpu knows "
-                     f"(e.g. v5e:2x4, v5p:2x2x1, v4:2x2x1, v6e:2x2): "
-                     f"{str(e).splitlines()[0]}") from e
+    message = str(e).splitlines()[0]
+    if "INVALID_ARGUMENT" in message:
+      raise UsageError(f"--topology={topology!r}: not a TPU topology libtpu knows "
+                       f"(e.g. v5e:2x4, v5p:2x2x1, v4:2x2x1, v6e:2x2): {message}") from e
+    raise UsageError(f"--topology={topology!r}: libtpu could not describe it: "
+                     f"{message}") from e
   shape = sharding.mesh_shape(mesh_config, len(devices))
   auto = jax.sharding.AxisType.Auto
   return jax.sharding.Mesh(mesh_utils.create_device_mesh(shape, devices),
@@ -138,16 +142,22 @@ def check(config: ml_collections.ConfigDict, topology: str) -> list[str]:
   return lines
 
 
+def _exit_with(message: str) -> None:
+  """A user error: one line on stderr, exit status 2."""
+  print("aot_check: " + " ".join(message.split()), file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    lines = check(flags.FLAGS.config, flags.FLAGS.topology)
-  except UsageError as e:
-    print(f"aot_check: {e}", file=sys.stderr)
-    sys.exit(2)
+    config = flags.FLAGS.config  # config_flags reports a bad file only when it is read.
+    lines = check(config, flags.FLAGS.topology)
+  except (UsageError, OSError) as e:
+    _exit_with(str(e))
   for line in lines:
     print(line, flush=True)
 
@@ -156,12 +166,26 @@ def run() -> None:
   """Console-script entry point: defines the flags, then runs `main`."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  # Without it a second process that loads libtpu (another check, a test) fails on
+  # libtpu's lockfile; these processes only compile. Read when libtpu loads.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   config_flags.DEFINE_config_file(
       "config", None, "Experiment config file, e.g. configs/distill.py:b16.",
       lock_config=True)
   flags.DEFINE_string("topology", None, "TPU topology name, e.g. v5e:2x4 or v5p:2x2x1.")
   flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)
+
+  def parse_flags(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _exit_with(str(e))
+    # config_flags reports an unknown --config.KEY as an AttributeError / KeyError.
+    except (AttributeError, KeyError) as e:
+      _exit_with(f"unknown key {str(e).strip(chr(34))} in a --config.* override")
+    except (TypeError, ValueError) as e:
+      _exit_with(f"a --config.* override: {e}")
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
