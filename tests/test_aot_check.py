@@ -1,0 +1,90 @@
+"""`python -m tigerfg_jax.aot_check` compiles the micro config for a TPU slice on CPU.
+
+Needs libtpu (requirements-test.txt); without it the module is skipped. Each compile
+takes about a minute of CPU, so the two runs the tests compare go in parallel.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("libtpu", reason="aot_check compiles for TPUs: pip install libtpu "
+                    "(requirements-test.txt)")
+
+from tigerfg_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tigerfg_jax.training import flops  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOPOLOGY = "v5e:2x2"
+LAST_LINE = re.compile(r"peak_bytes_per_chip=(\d+) flops_per_step=(\d+) topology=(\S+)")
+
+
+def start(*args):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # libtpu loads.
+  return subprocess.Popen(
+      [sys.executable, "-m", "tigerfg_jax.aot_check", "--config=configs/distill.py:micro",
+       *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+  stdout, stderr = process.communicate(timeout=900)
+  return process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def runs():
+  """{global batch: (returncode, stdout, stderr)} of the micro distill config."""
+  processes = {8: start(f"--topology={TOPOLOGY}"),
+               16: start(f"--topology={TOPOLOGY}", "--config.train.batch_size=16")}
+  return {batch: finish(process) for batch, process in processes.items()}
+
+
+def last_line(run):
+  returncode, stdout, stderr = run
+  assert returncode == 0, stderr[-3000:]
+  match = LAST_LINE.fullmatch(stdout.strip().splitlines()[-1])
+  assert match, stdout
+  return int(match.group(1)), int(match.group(2)), match.group(3)
+
+
+def test_last_line_reports_memory_and_flops(runs):
+  peak, step_flops, topology = last_line(runs[8])
+  assert topology == TOPOLOGY
+  assert peak > 0
+  # The whole step does at least the matmuls of the analytic count (XLA also counts
+  # elementwise work): the distill step, the larger of the two compiled.
+  config = config_lib.experiment_config("distill", "micro")
+  assert step_flops >= flops.train_step_flops(config, with_teacher=True)
+
+
+def test_both_stages_of_distill_are_compiled(runs):
+  stdout = runs[8][1]
+  assert re.search(r"^stage=teacher: .* fits=yes", stdout, re.M), stdout
+  assert re.search(r"^stage=distill: .* fits=yes", stdout, re.M), stdout
+
+
+def test_doubling_the_batch_needs_more_memory_and_flops(runs):
+  peak_8, flops_8, _ = last_line(runs[8])
+  peak_16, flops_16, _ = last_line(runs[16])
+  assert peak_16 > peak_8
+  assert flops_16 > 1.5 * flops_8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology=v9:2x2"], "--topology='v9:2x2': not a TPU topology"),
+    ([f"--topology={TOPOLOGY}", "--config.train.bogus=1"],
+     "--config.train.bogus: the config has no key 'bogus'"),
+    ([f"--topology={TOPOLOGY}", "--config.train.batch_size=6"],
+     "batch_size=6 is not divisible by the 'data' mesh axis (4 of 4 devices)"),
+])
+def test_user_errors_are_one_line_without_traceback(args, message):
+  returncode, stdout, stderr = finish(start(*args))
+  assert returncode == 2
+  ours = [line for line in stderr.splitlines()
+          if line.startswith("tigerfg_jax.aot_check: error: ")]
+  assert len(ours) == 1 and message in ours[0], stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert not stdout

@@ -1,0 +1,143 @@
+"""FLOPs of one train step, counted from the config alone, and model FLOPs utilisation.
+
+Convention (as MaxText's): matrix multiplications only, 2 FLOPs per multiply-add
+(`2 * m * n * k`); attention counts its projections and both of its batched matmuls
+(`Q K^T` and `A V`); normalisation, activations, softmax, the loss's elementwise work
+and the optimizer are ignored. Training a matmul costs 3x its forward (the forward,
+the gradient of its input and the gradient of its weight), except the patch embedding,
+whose input is the image: no input gradient, 2x. The frozen teacher's forward is counted
+once. The in-batch similarity logits (`q @ i.T`, `[B, E] x [E, B]`) are counted too.
+
+XLA's `cost_analysis()["flops"]` also counts elementwise work (one FLOP per element of
+an add, a multiply, ...), so it is a little above this count: most at small widths.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tigerfg_jax.models import text, vision
+
+# Dense bf16 peak of one device in TFLOP/s, by a substring of `jax.Device.device_kind`
+# (NVIDIA: SXM, no sparsity). `peak_tflops` tries the longest key first ("TPU v5 lite"
+# is v5e, plain "TPU v5" is v5p).
+PEAK_BF16_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The bf16 peak of a device kind (`PEAK_BF16_TFLOPS`), None where unknown (CPU)."""
+  for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+    if key in device_kind:
+      return PEAK_BF16_TFLOPS[key]
+  return None
+
+
+def mfu(flops_per_step: float, step_seconds: float, device_kind: str,
+        num_devices: int) -> float | None:
+  """Model FLOPs utilisation: achieved FLOP/s over the devices' bf16 peak, in [0, 1]
+  for a real measurement; None where the peak of `device_kind` is unknown."""
+  peak = peak_tflops(device_kind)
+  if peak is None:
+    return None
+  if step_seconds <= 0 or num_devices < 1:
+    raise ValueError(f"mfu: step_seconds={step_seconds} must be > 0 and "
+                     f"num_devices={num_devices} >= 1")
+  return flops_per_step / step_seconds / (peak * 1e12 * num_devices)
+
+
+def _attention(queries: int, keys: int, width: int, key_width: int) -> int:
+  """Forward FLOPs of one `MultiHeadAttention` for one example: `queries` rows of
+  `width` attending over `keys` rows of `key_width` (projections, QK^T, AV, out)."""
+  projections = 2 * queries * width * width + 2 * 2 * keys * key_width * width
+  mixing = 2 * 2 * queries * keys * width
+  return projections + mixing + 2 * queries * width * width
+
+
+def _mlp(rows: int, width: int, hidden: int) -> int:
+  return 2 * 2 * rows * width * hidden
+
+
+def _encoder(tokens: int, width: int, depth: int, mlp_dim: int) -> int:
+  """Forward FLOPs of `depth` pre-LN transformer blocks over `tokens` tokens."""
+  return depth * (_attention(tokens, tokens, width, width) + _mlp(tokens, width, mlp_dim))
+
+
+def _map_head(tokens: int, width: int, mlp_dim: int) -> int:
+  """`pooling.MAPHead`: one probe attends over `tokens`, then a residual MLP."""
+  return _attention(1, tokens, width, width) + _mlp(1, width, mlp_dim)
+
+
+def _vit(model: ml_collections.ConfigDict, image_size: int) -> tuple[int, int, int]:
+  """(patch-embedding FLOPs, encoder FLOPs, patches) of the ViT on one image."""
+  size = vision.decode_variant(model.vision_variant)
+  patches = (image_size // model.patch_size) ** 2
+  embed = 2 * patches * model.patch_size**2 * 3 * size["width"]
+  tokens = 1 + model.num_registers + patches
+  return embed, _encoder(tokens, size["width"], size["depth"], size["mlp_dim"]), patches
+
+
+def _query_head(model: ml_collections.ConfigDict, patches: int) -> int:
+  width = vision.decode_variant(model.vision_variant)["width"]
+  pooled = (0 if model.query_pool == "cls"
+            else _map_head(patches, width, model.pooling_mlp_dim))
+  return pooled + 2 * width * model.embed_dim
+
+
+def _item_head(model: ml_collections.ConfigDict, patches: int) -> int:
+  """Text encoder, pooling, merge and projection of the item tower on one example."""
+  width = vision.decode_variant(model.vision_variant)["width"]
+  size = text.decode_text_variant(model.text_variant)
+  length, slots, hidden = model.max_title_len, model.pooling_slots, model.pooling_mlp_dim
+  total = _encoder(length, size["width"], size["depth"], size["mlp_dim"])
+  if model.mode == "clip_style":
+    pooled_width = model.text_proj_dim or size["width"]
+    total += 2 * length * size["width"]  # mean over the title's tokens.
+    total += 2 * size["width"] * model.text_proj_dim
+    total += _map_head(patches, width, hidden)
+    return total + 2 * (width + pooled_width) * model.embed_dim
+  # TextGuidedPooling (the pooled title and its projection are unused in 'tiger').
+  total += _attention(slots, length, width, size["width"])  # slots read the title.
+  total += _attention(slots, patches, width, width)  # slots read the patches.
+  total += _mlp(slots, width, hidden)
+  total += 2 * slots * width * hidden + 2 * slots * hidden  # slot scores.
+  total += 2 * slots * width  # f_m: the slot-weighted sum.
+  total += _mlp(1, width, hidden)  # appearance query.
+  total += _attention(1, patches, width, width)  # f_a over the patches.
+  total += _mlp(1, width, hidden)  # merge MLP.
+  return total + 2 * width * model.embed_dim
+
+
+def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Forward matmul FLOPs of the model on one global batch, split into
+  `patch_embed` (no input gradient) and `rest`; `logits` is one `[B, B]` similarity."""
+  model, data = config.model, config.data
+  batch = config.train.batch_size
+  query_embed, query_vit, query_patches = _vit(model, data.query_image_size)
+  item_embed, item_vit, item_patches = _vit(model, data.item_image_size)
+  rest = (query_vit + _query_head(model, query_patches)
+          + item_vit + _item_head(model, item_patches))
+  return dict(patch_embed=batch * (query_embed + item_embed), rest=batch * rest,
+              logits=2 * batch * batch * model.embed_dim)
+
+
+def train_step_flops(config: ml_collections.ConfigDict, with_teacher: bool) -> int:
+  """Matmul FLOPs of one update step of `config.stage` over the global batch.
+
+  Args:
+    config: an experiment config (`config_lib.experiment_config`).
+    with_teacher: the step also runs the frozen teacher's forward (the `distill`
+      stage when `train.needs_teacher`); it has the student's `config.model`.
+  """
+  f = forward_flops(config)
+  total = 2 * f["patch_embed"] + 3 * (f["rest"] + f["logits"])
+  if with_teacher:
+    total += f["patch_embed"] + f["rest"] + f["logits"]
+  return total
