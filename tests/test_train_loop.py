@@ -85,6 +85,9 @@ def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path
   for row in rows:
     for key in ("loss", "infonce", "similarity_kl", "spatial_map", "temperature"):
       assert np.isfinite(row[key]), key
+    assert row["data_wait_s"] >= 0
+  # Rates need one measured interval; on the CPU there is no bf16 peak, so no MFU.
+  assert rows[-1]["tflops_per_s_per_device"] > 0 and "mfu" not in rows[-1]
   on_disk = json.load(open(os.path.join(workdir, "eval", "results.json")))
   assert set(on_disk) == {"eval_normal", "eval_cluttered"} == set(results)
   for split in on_disk.values():
@@ -167,3 +170,17 @@ def test_the_console_line_is_short_and_the_eta_reads_as_a_clock():
                                                 "examples_per_s": 18.24, "eta_s": 317})
   assert line == "step 120/300  loss 1.519  18.2 examples/s  ETA 0:05:17"
   assert metric_writer.progress_line(1, 300, {"loss": 2.0}) == "step 1/300  loss 2"
+
+
+def test_the_timer_reports_mfu_against_the_device_peak(monkeypatch):
+  timer = metric_writer.StepTimer(0, 100, 64, flops_per_step=int(3e14))
+  monkeypatch.setattr(timer, "_kind", "NVIDIA H100 80GB HBM3")
+  monkeypatch.setattr(timer, "_devices", 2)
+  clock = iter([10.0, 12.5])
+  monkeypatch.setattr(metric_writer.time, "perf_counter", lambda: next(clock))
+  assert timer.tick(1) == {}
+  rates = timer.tick(6)  # 5 steps in 2.5 s: 2 steps/s over 2 devices.
+  assert rates["examples_per_s"] == pytest.approx(128)
+  assert rates["tflops_per_s_per_device"] == pytest.approx(3e14 * 2 / 2 / 1e12)
+  assert rates["mfu"] == pytest.approx(300 / 989)
+  assert rates["eta_s"] == pytest.approx(47)

@@ -16,6 +16,8 @@ import jax
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from tigerfg_jax.training import flops
+
 
 class MetricWriter:
   """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
@@ -45,11 +47,19 @@ class MetricWriter:
 
 
 class StepTimer:
-  """Throughput and ETA from wall time between `tick`s, the first interval excluded."""
+  """Throughput and ETA from wall time between `tick`s, the first interval excluded.
 
-  def __init__(self, first_step: int, total_steps: int, global_batch: int):
+  With `flops_per_step` (`training.flops.train_step_flops`) also TFLOP/s per device
+  and, where the device's bf16 peak is known (not on CPU), MFU.
+  """
+
+  def __init__(self, first_step: int, total_steps: int, global_batch: int,
+               flops_per_step: int = 0):
     self._total = total_steps
     self._batch = global_batch
+    self._flops = flops_per_step
+    self._devices = jax.device_count()
+    self._kind = jax.devices()[0].device_kind
     self._start_step = first_step
     self._start_time: float | None = None
 
@@ -64,9 +74,15 @@ class StepTimer:
     if steps_done <= 0 or elapsed <= 0:
       return {}
     steps_per_s = steps_done / elapsed
-    return {"examples_per_s": steps_per_s * self._batch,
-            "examples_per_s_per_device": steps_per_s * self._batch / jax.device_count(),
-            "eta_s": (self._total - step) / steps_per_s}
+    rates = {"examples_per_s": steps_per_s * self._batch,
+             "examples_per_s_per_device": steps_per_s * self._batch / self._devices,
+             "eta_s": (self._total - step) / steps_per_s}
+    if self._flops:
+      rates["tflops_per_s_per_device"] = self._flops * steps_per_s / self._devices / 1e12
+      utilisation = flops.mfu(self._flops, 1 / steps_per_s, self._kind, self._devices)
+      if utilisation is not None:
+        rates["mfu"] = utilisation
+    return rates
 
 
 def format_duration(seconds: float) -> str:

@@ -29,6 +29,7 @@ from tigerfg_jax.data import pipeline
 from tigerfg_jax.evaluation import evaluators
 from tigerfg_jax.models import factory
 from tigerfg_jax.models import towers
+from tigerfg_jax.training import flops
 from tigerfg_jax.training import metric_writer
 from tigerfg_jax.training import optim
 from tigerfg_jax.training import prefetch
@@ -254,7 +255,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   first = int(state.step)
   last = total if stop_after is None else min(total, first + stop_after)
   writer = metric_writer.MetricWriter(workdir)
-  timer = metric_writer.StepTimer(first, total, batch_size)
+  timer = metric_writer.StepTimer(
+      first, total, batch_size,
+      flops.train_step_flops(config, with_teacher=teacher_model is not None))
   final_results: dict[str, Any] = {}
   prefetcher = prefetch.DevicePrefetcher(
       train_iter, lambda host: sharding.global_batch(host, trainer.batch_sharding))
