@@ -4,7 +4,8 @@
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [CONFIG] [extra --config.KEY=VALUE ...]
 #
-# WORKDIR must be shared by all hosts (a gs:// bucket or a mounted filesystem) and
+# WORKDIR must be a folder shared by all hosts (an NFS / Filestore mount, or a bucket
+# mounted with gcsfuse; a gs:// URL is refused) and
 # config.data.root a dataset folder every host can read.
 set -euo pipefail
 tpu=$1 zone=$2 workdir=$3 config=${4:-configs/distill.py:b16}

@@ -2,20 +2,24 @@
 as one line.
 
 Importing a CLI module defines no absl flags (so modules can be imported side by side
-and from notebooks); `run(main, define_flags)` defines them, then runs `main` under
-`absl.app`. A user error (bad config, data, checkpoint, export or argument: the
-`USER_ERRORS` types) prints `<program>: error: <message>` without a traceback and exits
-with status 2; `--verbose` shows the traceback.
+and from notebooks); `run(main, define_flags, program)` defines them, then runs `main`
+under `absl.app` with third-party INFO logging filtered out. A user error (bad config,
+data, checkpoint, export or argument: the `USER_ERRORS` types) prints
+`<program>: error: <message>` without a traceback and exits with status 2; `--verbose`
+shows the traceback. `--help` prints the module's docstring and flags and exits 0.
 """
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
 import traceback
 from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 
 USER_ERRORS = (ValueError, OSError, KeyError)
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-?")
@@ -65,7 +69,20 @@ def run(main: Callable[[list[str]], None], define_flags: Callable[[], None],
         print(f"{program}: (--verbose shows the traceback)", file=sys.stderr)
       sys.exit(2)
 
-  app.run(guarded, flags_parser=parse)
+  def quiet_then_main(argv):
+    logging.get_absl_handler().addFilter(_own_info_only)
+    guarded(argv)
+
+  app.run(quiet_then_main, flags_parser=parse)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _own_info_only(record: std_logging.LogRecord) -> bool:
+  """Keeps this package's INFO lines and everyone's warnings and errors (third-party
+  INFO chatter, e.g. Orbax's per-save lines, is dropped)."""
+  return record.levelno > std_logging.INFO or record.pathname.startswith(_PACKAGE_DIR)
 
 
 def _unknown_config_key(name: str, argv: list[str]) -> str:

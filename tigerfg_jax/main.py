@@ -12,7 +12,6 @@ where JAX detects the cluster, or from --coordinator_address/--num_processes/--p
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 import jax
@@ -39,15 +38,9 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
-  return record.levelno > std_logging.INFO or "/orbax/" not in record.pathname
-
-
 def main(argv):
   cli.no_arguments(argv)
   args = flags.FLAGS
-  logging.get_absl_handler().addFilter(_quiet_orbax)
   if args.coordinator_address or args.multihost:
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes,

@@ -110,6 +110,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def check_workdir(workdir: str) -> None:
   """Raises a clear error when `workdir` cannot be a run folder."""
+  if "://" in workdir:
+    raise ValueError(f"--workdir={workdir}: run folders are local paths (a bucket works "
+                     "mounted, e.g. with gcsfuse: --workdir=/mnt/bucket/run)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file, not a run folder; "
                              "choose another path")

@@ -41,10 +41,12 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+from absl import flags
 
+from tigerfg_jax import cli
 from tigerfg_jax import config_lib
-from tigerfg_jax.training import trainer
 from tigerfg_jax.data import synthetic
+from tigerfg_jax.training import trainer
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -372,33 +374,33 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
   return report
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-  try:
-    return [int(part) for part in text.split(",") if part.strip()]
-  except ValueError as e:
-    raise ValueError(f"--{flag}={text!r}: expected comma-separated integers") from e
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.workdir, "jax_cache"))
-  run_table(FLAGS.workdir, preset=FLAGS.preset, seeds=_int_list(FLAGS.seeds, "seeds"),
-            rows=[key for key in FLAGS.rows.split(",") if key], steps=FLAGS.steps,
-            items=FLAGS.items, image_size=FLAGS.image_size, out=FLAGS.out)
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-
+def define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/paper_table", "catalogs, runs and the XLA cache")
   flags.DEFINE_enum("preset", "tiny", list(config_lib.PRESETS), "config preset of every run")
-  flags.DEFINE_string("seeds", "0,1,2", "comma-separated training seeds")
-  flags.DEFINE_string("rows", ",".join(TABLE_ROW_KEYS),
-                      f"comma-separated table rows, of {', '.join(TABLE_ROW_KEYS)}")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds")
+  flags.DEFINE_list("rows", list(TABLE_ROW_KEYS),
+                    f"table rows, of {', '.join(TABLE_ROW_KEYS)}")
   flags.DEFINE_integer("steps", None, "train.steps of every run (default: the preset's)")
   flags.DEFINE_integer("items", None, "synthetic train items (default: the preset's)")
   flags.DEFINE_integer("image_size", None, "synthetic image side (default: the preset's)")
   flags.DEFINE_string("out", "docs/results.md", "Markdown table; the JSON goes next to it")
-  FLAGS = flags.FLAGS
-  app.run(main)
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  args = flags.FLAGS
+  jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "jax_cache"))
+  try:
+    seeds = [int(seed) for seed in args.seeds]
+  except ValueError as e:
+    raise ValueError(f"--seeds={','.join(args.seeds)}: expected integers") from e
+  run_table(args.workdir, preset=args.preset, seeds=seeds, rows=args.rows,
+            steps=args.steps, items=args.items, image_size=args.image_size, out=args.out)
+
+
+def run() -> None:
+  cli.run(main, define_flags, "tigerfg_jax.experiments.paper_table")
+
+
+if __name__ == "__main__":
+  run()
