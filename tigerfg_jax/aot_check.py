@@ -19,8 +19,9 @@ over the stages), for scripts.
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -33,6 +34,9 @@ from tigerfg_jax.training import flops
 
 # HBM per device in GiB, by `device_kind`.
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# The TPU compiler's refusal of a program over HBM, e.g. "Used 20.5G of 15.48G hbm".
+_OUT_OF_MEMORY = re.compile(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 class UsageError(ValueError):
@@ -105,8 +109,9 @@ def stage_configs(config: ml_collections.ConfigDict
   return [(teacher, None), (config, teacher)]
 
 
-def check(config: ml_collections.ConfigDict, topology: str) -> list[str]:
-  """Compiles every stage of `config` for `topology`; returns the report lines."""
+def check(config: ml_collections.ConfigDict, topology: str) -> Iterator[str]:
+  """Compiles every stage of `config` for `topology`, yielding the report's lines as
+  each stage is done (a b16 stage takes minutes)."""
   try:
     config_lib.validate(config)
   except ValueError as e:
@@ -119,27 +124,35 @@ def check(config: ml_collections.ConfigDict, topology: str) -> list[str]:
   if config.train.batch_size % data:
     raise UsageError(f"config.train.batch_size={config.train.batch_size} is not divisible "
                      f"by the 'data' mesh axis ({data} of {num_devices} devices)")
-  lines = [f"topology={topology}: {num_devices} x {kind}, mesh data={data} "
-           f"model={mesh.shape['model']}, global batch {config.train.batch_size}"]
+  yield (f"topology={topology}: {num_devices} x {kind}, mesh data={data} "
+         f"model={mesh.shape['model']}, global batch {config.train.batch_size}")
   peak, step_flops = 0, 0
   for stage_config, teacher_config in stage_configs(config):
-    compiled = lower_stage(stage_config, mesh, teacher_config).compile()
-    r = stage_report(compiled, num_devices)
+    analytic = flops.train_step_flops(stage_config, with_teacher=teacher_config is not None)
+    try:
+      r = stage_report(lower_stage(stage_config, mesh, teacher_config).compile(),
+                       num_devices)
+    except jax.errors.JaxRuntimeError as e:
+      used = _OUT_OF_MEMORY.search(str(e))
+      if used is None:
+        raise
+      # The TPU compiler refuses a program over HBM; it says how much it would use.
+      peak = max(peak, int(float(used.group(1)) * _UNITS[used.group(2)]))
+      yield (f"stage={stage_config.stage}: over HBM, fits=no (XLA: {used.group(0)}); "
+             f"analytic matmuls {analytic / 1e12:.4g} TFLOP per step")
+      continue
     gib = r["bytes_per_device"] / 2**30
     fits = "unknown" if hbm is None else ("yes" if gib <= hbm else "no")
-    analytic = flops.train_step_flops(stage_config, with_teacher=teacher_config is not None)
-    lines.append(
-        f"stage={stage_config.stage}: {gib:.2f} GiB per device (arguments "
-        f"{r['argument'] / 2**30:.2f} + outputs {r['output'] / 2**30:.2f} + temporaries "
-        f"{r['temp'] / 2**30:.2f} - aliased {r['alias'] / 2**30:.2f}), HBM "
-        f"{'unknown' if hbm is None else f'{hbm} GiB'}, fits={fits}; "
-        f"{r['flops_per_step'] / 1e12:.4g} TFLOP per step (XLA: "
-        f"{r['flops_per_device'] / 1e12:.4g} per device x {num_devices}; analytic "
-        f"matmuls {analytic / 1e12:.4g})")
+    yield (f"stage={stage_config.stage}: {gib:.2f} GiB per device (arguments "
+           f"{r['argument'] / 2**30:.2f} + outputs {r['output'] / 2**30:.2f} + temporaries "
+           f"{r['temp'] / 2**30:.2f} - aliased {r['alias'] / 2**30:.2f}), HBM "
+           f"{'unknown' if hbm is None else f'{hbm} GiB'}, fits={fits}; "
+           f"{r['flops_per_step'] / 1e12:.4g} TFLOP per step (XLA: "
+           f"{r['flops_per_device'] / 1e12:.4g} per device x {num_devices}; analytic "
+           f"matmuls {analytic / 1e12:.4g})")
     peak = max(peak, r["bytes_per_device"])
     step_flops = max(step_flops, r["flops_per_step"])
-  lines.append(f"peak_bytes_per_chip={peak} flops_per_step={step_flops} topology={topology}")
-  return lines
+  yield f"peak_bytes_per_chip={peak} flops_per_step={step_flops} topology={topology}"
 
 
 def _exit_with(message: str) -> None:
@@ -155,11 +168,10 @@ def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     config = flags.FLAGS.config  # config_flags reports a bad file only when it is read.
-    lines = check(config, flags.FLAGS.topology)
+    for line in check(config, flags.FLAGS.topology):
+      print(line, flush=True)
   except (UsageError, OSError) as e:
     _exit_with(str(e))
-  for line in lines:
-    print(line, flush=True)
 
 
 def run() -> None:
