@@ -34,9 +34,18 @@ from tigerfg_jax.training import flops
 
 # HBM per device in GiB, by `device_kind`.
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
-# The TPU compiler's refusal of a program over HBM, e.g. "Used 20.5G of 15.48G hbm".
-_OUT_OF_MEMORY = re.compile(r"Used ([0-9.]+)([KMGT]) of [0-9.]+[KMGT] hbm")
+# The TPU compiler's refusal of a program over HBM: "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (112.40T) exceeds
+# available HBM (15.75G)."
+_OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+                            r"available HBM \([0-9.]+[KMGT]\)")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def over_hbm_bytes(message: str) -> int | None:
+  """The temporaries' bytes of a TPU compile error for a step over HBM, else None."""
+  match = _OUT_OF_MEMORY.search(message)
+  return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 class UsageError(ValueError):
@@ -133,13 +142,14 @@ def check(config: ml_collections.ConfigDict, topology: str) -> Iterator[str]:
       r = stage_report(lower_stage(stage_config, mesh, teacher_config).compile(),
                        num_devices)
     except jax.errors.JaxRuntimeError as e:
-      used = _OUT_OF_MEMORY.search(str(e))
-      if used is None:
+      temporaries = over_hbm_bytes(str(e))
+      if temporaries is None:
         raise
-      # The TPU compiler refuses a program over HBM; it says how much it would use.
-      peak = max(peak, int(float(used.group(1)) * _UNITS[used.group(2)]))
-      yield (f"stage={stage_config.stage}: over HBM, fits=no (XLA: {used.group(0)}); "
-             f"analytic matmuls {analytic / 1e12:.4g} TFLOP per step")
+      # The TPU compiler refuses a step over HBM; the temporaries alone are a lower bound.
+      peak = max(peak, temporaries)
+      yield (f"stage={stage_config.stage}: over HBM, fits=no (temporaries alone "
+             f"{temporaries / 2**30:.2f} GiB per device); analytic matmuls "
+             f"{analytic / 1e12:.4g} TFLOP per step")
       continue
     gib = r["bytes_per_device"] / 2**30
     fits = "unknown" if hbm is None else ("yes" if gib <= hbm else "no")
