@@ -88,3 +88,12 @@ def test_user_errors_are_one_line_without_traceback(args, message):
   assert len(ours) == 1 and message in ours[0], stderr[-3000:]
   assert "Traceback" not in stderr
   assert not stdout
+
+
+def test_an_over_hbm_compile_error_gives_the_temporaries_bytes():
+  """The message the TPU compiler gave for the micro teacher at batch 4194304 on v5e."""
+  from tigerfg_jax import aot_check  # pylint: disable=g-import-not-at-top (libtpu first)
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (112.40T) exceeds available HBM (15.75G).")
+  assert aot_check.over_hbm_bytes(message) == int(112.40 * 2**40)
+  assert aot_check.over_hbm_bytes("RESOURCE_EXHAUSTED: something else") is None

@@ -19,7 +19,8 @@ over the stages), for scripts.
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -36,6 +37,18 @@ from tigerfg_jax.training import trainer as trainer_lib
 
 # HBM per device in GiB, by `device_kind`.
 HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+# The TPU compiler's refusal of a program over HBM: "RESOURCE_EXHAUSTED: Ran out of
+# memory on HBM, the total memory required for HLO temporaries (112.40T) exceeds
+# available HBM (15.75G)."
+_OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+                            r"available HBM \([0-9.]+[KMGT]\)")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def over_hbm_bytes(message: str) -> int | None:
+  """The temporaries' bytes of a TPU compile error for a step over HBM, else None."""
+  match = _OUT_OF_MEMORY.search(message)
+  return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 class UsageError(ValueError):
@@ -108,8 +121,9 @@ def stage_configs(config: ml_collections.ConfigDict
   return [(teacher, None), (config, teacher)]
 
 
-def check(config: ml_collections.ConfigDict, topology: str) -> list[str]:
-  """Compiles every stage of `config` for `topology`; returns the report lines."""
+def check(config: ml_collections.ConfigDict, topology: str) -> Iterator[str]:
+  """Compiles every stage of `config` for `topology`, yielding the report's lines as
+  each stage is done (a b16 stage takes minutes)."""
   try:
     config_lib.validate(config)
   except ValueError as e:
@@ -122,27 +136,36 @@ def check(config: ml_collections.ConfigDict, topology: str) -> list[str]:
   if config.train.batch_size % data:
     raise UsageError(f"config.train.batch_size={config.train.batch_size} is not divisible "
                      f"by the 'data' mesh axis ({data} of {num_devices} devices)")
-  lines = [f"topology={topology}: {num_devices} x {kind}, mesh data={data} "
-           f"model={mesh.shape['model']}, global batch {config.train.batch_size}"]
+  yield (f"topology={topology}: {num_devices} x {kind}, mesh data={data} "
+         f"model={mesh.shape['model']}, global batch {config.train.batch_size}")
   peak, step_flops = 0, 0
   for stage_config, teacher_config in stage_configs(config):
-    compiled = lower_stage(stage_config, mesh, teacher_config).compile()
-    r = stage_report(compiled, num_devices)
+    analytic = flops.train_step_flops(stage_config, with_teacher=teacher_config is not None)
+    try:
+      r = stage_report(lower_stage(stage_config, mesh, teacher_config).compile(),
+                       num_devices)
+    except jax.errors.JaxRuntimeError as e:
+      temporaries = over_hbm_bytes(str(e))
+      if temporaries is None:
+        raise
+      # The TPU compiler refuses a step over HBM; the temporaries alone are a lower bound.
+      peak = max(peak, temporaries)
+      yield (f"stage={stage_config.stage}: over HBM, fits=no (temporaries alone "
+             f"{temporaries / 2**30:.2f} GiB per device); analytic matmuls "
+             f"{analytic / 1e12:.4g} TFLOP per step")
+      continue
     gib = r["bytes_per_device"] / 2**30
     fits = "unknown" if hbm is None else ("yes" if gib <= hbm else "no")
-    analytic = flops.train_step_flops(stage_config, with_teacher=teacher_config is not None)
-    lines.append(
-        f"stage={stage_config.stage}: {gib:.2f} GiB per device (arguments "
-        f"{r['argument'] / 2**30:.2f} + outputs {r['output'] / 2**30:.2f} + temporaries "
-        f"{r['temp'] / 2**30:.2f} - aliased {r['alias'] / 2**30:.2f}), HBM "
-        f"{'unknown' if hbm is None else f'{hbm} GiB'}, fits={fits}; "
-        f"{r['flops_per_step'] / 1e12:.4g} TFLOP per step (XLA: "
-        f"{r['flops_per_device'] / 1e12:.4g} per device x {num_devices}; analytic "
-        f"matmuls {analytic / 1e12:.4g})")
+    yield (f"stage={stage_config.stage}: {gib:.2f} GiB per device (arguments "
+           f"{r['argument'] / 2**30:.2f} + outputs {r['output'] / 2**30:.2f} + temporaries "
+           f"{r['temp'] / 2**30:.2f} - aliased {r['alias'] / 2**30:.2f}), HBM "
+           f"{'unknown' if hbm is None else f'{hbm} GiB'}, fits={fits}; "
+           f"{r['flops_per_step'] / 1e12:.4g} TFLOP per step (XLA: "
+           f"{r['flops_per_device'] / 1e12:.4g} per device x {num_devices}; analytic "
+           f"matmuls {analytic / 1e12:.4g})")
     peak = max(peak, r["bytes_per_device"])
     step_flops = max(step_flops, r["flops_per_step"])
-  lines.append(f"peak_bytes_per_chip={peak} flops_per_step={step_flops} topology={topology}")
-  return lines
+  yield f"peak_bytes_per_chip={peak} flops_per_step={step_flops} topology={topology}"
 
 
 def define_flags() -> None:
