@@ -89,7 +89,7 @@ def _split_records(root):
 def test_exported_encoders_equal_the_in_process_model(served, in_process, batch,
                                                       monkeypatch):
   # Chunks of 4 rows: a batch of 7 goes through the chunked, zero-padded path.
-  monkeypatch.setattr(exported, "EMBED_BATCH", 4)
+  monkeypatch.setattr(artifact, "EMBED_BATCH", 4)
   model, params = in_process
   rng = np.random.default_rng(batch)
   sq, si = served.query_image_size, served.item_image_size
@@ -219,7 +219,7 @@ def test_bad_inputs_get_clear_errors(run, served, tmp_path):
 def test_export_cli_reports_a_bad_split(run, tmp_path):
   result = _subprocess(["-m", "tigerfg_jax.serving.export", f"--workdir={run[0]}",
                         f"--out={tmp_path / 'new'}", "--split=eval_nothing"])
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert "export: error: --split='eval_nothing': no folder" in result.stderr
   assert not os.path.exists(tmp_path / "new")
 
@@ -308,5 +308,5 @@ def test_items_cli_adds_searchable_items(run, served, tmp_path):
   # Added rows are embedded by the exported item encoder like the originals.
   np.testing.assert_allclose(updated.index.embeddings[-3:], served.index.embeddings[rows],
                              rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="'added-item-"):
+  with pytest.raises(ValueError, match=f"'{added[0]}' is already in the catalog"):
     search.add_items(updated, str(tmp_path / "new_items"))

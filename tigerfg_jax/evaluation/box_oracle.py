@@ -56,16 +56,20 @@ def _with_region(batches, masks: np.ndarray):
     yield dict(batch, region_mask=region)
 
 
+def _check_mode(config: ml_collections.ConfigDict) -> None:
+  if config.model.mode != "tiger":
+    raise ValueError(f"model.mode={config.model.mode!r}: the box oracle restricts the "
+                     "text-guided pooling of a 'tiger' model (set "
+                     "--config.evals.box_oracle.at_end=false)")
+
+
 class BoxOracleEvaluator:
   """`{split: {'deployed': metrics, 'box': metrics}}` (`config.evals.box_oracle`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: towers.TigerFG,
                tokenizer: TitleTokenizer, splits: dict[str, pipeline.Split],
                mesh: jax.sharding.Mesh, workdir: str):
-    if config.model.mode != "tiger":
-      raise ValueError(f"model.mode={config.model.mode!r}: the box oracle restricts the "
-                       "text-guided pooling of a 'tiger' model (set "
-                       "--config.evals.box_oracle.at_end=false)")
+    _check_mode(config)
     self.config, self.tokenizer, self.splits = config, tokenizer, splits
     self.out_path = os.path.join(workdir, workdir_lib.EVAL_DIR, RESULTS_FILE)
     self.embed_query, self.embed_item = encoders.make_embed_fns(model, mesh)
@@ -111,6 +115,7 @@ class BoxOracleEvaluator:
 
 def box_oracle(workdir: str, splits: Sequence[str]) -> dict[str, dict[str, dict]]:
   """`{split: {'deployed': metrics, 'box': metrics}}` for a trained run's workdir."""
+  _check_mode(workdir_lib.load_config(workdir))
   config, model, params, tokenizer = workdir_lib.load_trained(workdir)
   loaded = {name: workdir_lib.load_split(config, workdir, name) for name in splits}
   evaluator = BoxOracleEvaluator(config, model, tokenizer, loaded,
