@@ -200,7 +200,7 @@ def test_every_row_and_seed_then_resume(tmp_path, monkeypatch):
   workdir, out = str(tmp_path / "table"), str(tmp_path / "docs" / "results.md")
   args = dict(preset="micro", steps=2, items=8, image_size=32, out=out)
   fake = FakeTrainer()
-  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  monkeypatch.setattr(trainer, "train_and_evaluate", fake)
   report = paper_table.run_table(workdir, seeds=[0, 1], **args)
 
   # Each row x seed once, teachers before their students, each in its own workdir.
@@ -256,12 +256,12 @@ def test_every_row_and_seed_then_resume(tmp_path, monkeypatch):
 
   def no_training(*unused_args, **unused_kwargs):
     raise AssertionError("a finished run was trained again")
-  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  monkeypatch.setattr(trainer, "train_and_evaluate", no_training)
   paper_table.run_table(workdir, seeds=[0, 1], **args)
   assert [os.stat(path).st_mtime_ns for path in results_files] == mtimes
   assert parse_table(_read(out)) == table
   fake.calls.clear()
-  monkeypatch.setattr(train, "train_and_evaluate", fake)
+  monkeypatch.setattr(trainer, "train_and_evaluate", fake)
   paper_table.run_table(workdir, seeds=[0, 1, 2], **args)
   assert [os.path.relpath(d, workdir) for d, _ in fake.calls] == [
       f"{row.key}/seed_2" for row in paper_table.ROWS]
