@@ -14,7 +14,6 @@ import pytest
 
 from tests import train_helpers
 from tests.test_models import _float64_params, _np_encoder, _random_variables
-from tigerfg_jax import config_lib
 from tigerfg_jax.models import towers, transformer
 from tigerfg_jax.training import step as step_lib
 

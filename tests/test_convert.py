@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -25,8 +24,7 @@ from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.convert import clip as convert_clip
 from tigerfg_jax.convert import clip_layout
-from tigerfg_jax.data import pipeline, synthetic
-from tigerfg_jax.data.tokenizer import TitleTokenizer
+from tigerfg_jax.data import synthetic
 from tigerfg_jax.models import text, towers
 from tigerfg_jax.training import trainer
 

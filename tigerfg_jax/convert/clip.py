@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import flax.linen as nn

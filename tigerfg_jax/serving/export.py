@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from typing import Any, Sequence
 
 import jax
