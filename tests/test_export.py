@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import train_helpers
 from tigerfg_jax import config_lib
 from tigerfg_jax import index
 from tigerfg_jax import sharding
@@ -45,8 +46,7 @@ def run(tmp_path_factory):
   root = str(base / "catalog")
   synthetic.write_catalog(root, seed=0, items=24, image_size=32)
   config = config_lib.experiment_config("distill", "micro")
-  config.loss.w_sim = 0.0
-  config.teacher.init_student = False  # no teacher: this is about the export.
+  config_lib.apply_overrides(config, train_helpers.NO_TEACHER)  # this is about the export.
   config.train.steps = 3
   config.data.root = root
   workdir = str(base / "run")

@@ -27,20 +27,26 @@ def _logsumexp64(values: list[float]) -> float:
   return float(peak + np.log(np.exp(values - peak).sum()))
 
 
-def infonce_reference(q, i, tau, positives=None, valid=None) -> float:
-  """Loop-level float64 multi-positive symmetric InfoNCE."""
+def infonce_reference(q, i, tau, positives=None, valid=None, hard=None,
+                      hard_valid=None) -> float:
+  """Loop-level float64 multi-positive symmetric InfoNCE; `hard` `[B, K, E]` are
+  extra candidates of their query row in the query->item direction."""
   q, i = q.astype(np.float64), i.astype(np.float64)
   size = len(q)
   positives = np.eye(size, dtype=bool) if positives is None else positives
   valid = np.ones(size, bool) if valid is None else valid
   scores = q @ i.T / tau
   directions = []
-  for s, pos in ((scores, positives), (scores.T, positives.T)):
+  for forward, s, pos in ((True, scores, positives), (False, scores.T, positives.T)):
     row_losses = []
     for r in range(size):
       if not valid[r]:
         continue
       candidates = [s[r, c] for c in range(size) if valid[c]]
+      if forward and hard is not None:
+        candidates += [float(q[r] @ hard[r, k].astype(np.float64)) / tau
+                       for k in range(hard.shape[1])
+                       if hard_valid is None or hard_valid[r, k]]
       targets = [s[r, c] for c in range(size) if valid[c] and pos[r, c]]
       if targets:
         row_losses.append(_logsumexp64(candidates) - _logsumexp64(targets))
@@ -240,3 +246,34 @@ def test_spatial_relation_loss_ignores_outside_box_and_is_zero_for_identical():
   np.testing.assert_allclose(
       losses.spatial_relation_loss(student, teacher, region, valid=valid),
       losses.spatial_relation_loss(student[:1], teacher[:1], region[:1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.5])
+def test_infonce_hard_negatives_match_numpy(tau):
+  rng = np.random.default_rng(7)
+  q, i = _unit_rows(rng, 6, 16), _unit_rows(rng, 6, 16)
+  hard = _unit_rows(rng, 6, 3, 16)
+  hard_valid = rng.random((6, 3)) < 0.7
+  valid = np.array([True] * 5 + [False])
+  positives = np.eye(6, dtype=bool)
+  positives[0, 1] = positives[1, 0] = True
+  got = losses.infonce(q, i, tau, positives=positives, valid=valid, hard_negatives=hard,
+                       hard_valid=hard_valid)
+  want = infonce_reference(q, i, tau, positives, valid, hard, hard_valid)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert abs(float(got) - infonce_reference(q, i, tau, positives, valid)) > 1e-3
+  none_valid = losses.infonce(q, i, tau, positives=positives, valid=valid,
+                              hard_negatives=hard, hard_valid=np.zeros((6, 3), bool))
+  np.testing.assert_allclose(none_valid, infonce_reference(q, i, tau, positives, valid),
+                             rtol=2e-5)
+
+
+def test_hard_negative_equal_to_the_positive_costs_log_two_more():
+  """A title-blind model re-pools an item under another title to the same embedding:
+  with one such hard negative, a query that scores its item far above every other
+  candidate loses exactly log 2 in its direction (half of it in the mean)."""
+  q = np.eye(4, dtype=np.float32)
+  hard = q[:, None, :]
+  plain = losses.infonce(q, q, 0.01)
+  with_hard = losses.infonce(q, q, 0.01, hard_negatives=hard)
+  np.testing.assert_allclose(float(with_hard) - float(plain), 0.5 * np.log(2), atol=1e-5)

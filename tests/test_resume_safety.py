@@ -68,8 +68,7 @@ def test_a_data_failure_writes_nothing(tmp_path):
     (root / split / "items.jsonl").write_text("")
     (root / split / "queries.jsonl").write_text("")
   workdir = tmp_path / "run"
-  config = train_helpers.micro_config(**{"data.root": str(root), "loss.w_sim": 0.0,
-                                         "teacher.init_student": False})
+  config = train_helpers.micro_config(**{"data.root": str(root), **train_helpers.NO_TEACHER})
   with pytest.raises(DatasetError):
     trainer.train_and_evaluate(config, str(workdir))
   assert not workdir.exists() or not os.listdir(workdir)

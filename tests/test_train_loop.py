@@ -11,6 +11,7 @@ from tests import train_helpers
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.training import metric_writer
+from tigerfg_jax.training import step as step_lib
 from tigerfg_jax.training import trainer
 
 
@@ -40,7 +41,7 @@ def _final_params(workdir, config):
 def test_resume_equals_uninterrupted(tmp_path, catalog):
   config = train_helpers.micro_config(**{
       "train.steps": 12, "train.log_every": 1, "train.checkpoint_every": 4,
-      "loss.w_sim": 0.0, "data.root": catalog})
+      **train_helpers.NO_TEACHER, "data.root": catalog})
   straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
   straight = trainer.train_and_evaluate(config, straight_dir)
   assert trainer.train_and_evaluate(config, resumed_dir, stop_after=6) is None
@@ -51,7 +52,7 @@ def test_resume_equals_uninterrupted(tmp_path, catalog):
   rows_resumed = _read_metrics(resumed_dir)
   assert [r["step"] for r in rows_resumed] == list(range(1, 13))
   for a, b in zip(rows_straight, rows_resumed):
-    for key in ("loss", "infonce", "spatial_map", "temperature"):
+    for key in ("loss", "q2i", "v2t", "spatial_map", "temperature"):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"step {a['step']} {key}")
   state_a, data_a = _final_params(straight_dir, config)
   state_b, data_b = _final_params(resumed_dir, config)
@@ -83,7 +84,7 @@ def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path
   rows = _read_metrics(workdir)
   assert [r["step"] for r in rows] == [2, 4]
   for row in rows:
-    for key in ("loss", "infonce", "similarity_kl", "spatial_map", "temperature"):
+    for key in ("loss", *step_lib.LOSS_TERMS, "temperature"):
       assert np.isfinite(row[key]), key
     assert row["data_wait_s"] >= 0
   # Rates need one measured interval; on the CPU there is no bf16 peak, so no MFU.
@@ -135,8 +136,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cata
   # A step of 1e38 overflows the params: the next loss is not finite.
   config = train_helpers.micro_config(**{
       "train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 1,
-      "train.warmup_steps": 1, "train.learning_rate": 1e38, "loss.w_sim": 0.0,
-      "teacher.init_student": False, "data.root": catalog})
+      "train.warmup_steps": 1, "train.learning_rate": 1e38, **train_helpers.NO_TEACHER,
+      "data.root": catalog})
   workdir = str(tmp_path / "run")
   with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint is step 1"):
     trainer.train_and_evaluate(config, workdir)
@@ -153,8 +154,18 @@ def test_a_config_saved_before_new_keys_loads_as_it_ran(tmp_path):
   for section, key in (("model", "posemb_grid"), ("data", "synthetic_eval_items"),
                        ("data", "synthetic_clutter_grid"), ("teacher", "init_student")):
     del saved[section][key]
+  # The objective's keys before the paper's whole objective: three terms, other names.
+  for key in ("w_v2t", "w_i2v", "w_srd", "hard_negatives"):
+    del saved["loss"][key]
+  saved["loss"]["w_infonce"] = saved["loss"].pop("w_q2i")
+  saved["loss"]["w_sim"] = saved["loss"].pop("w_sdd")
+  saved["loss"]["w_spatial"] = saved["loss"].pop("w_spatial_map")
   (tmp_path / "config.json").write_text(json.dumps(saved))
   old = workdir_lib.load_config(str(tmp_path))
+  assert (old.loss.w_q2i, old.loss.w_sdd, old.loss.w_spatial_map) == (
+      config.loss.w_q2i, config.loss.w_sdd, config.loss.w_spatial_map)
+  assert (old.loss.w_v2t, old.loss.w_i2v, old.loss.w_srd, old.loss.hard_negatives) == (
+      0, 0, 0, 0)
   # What such a run did: a 6 x 6 position table (48 px / 8 px patches), a quarter of
   # train per eval split, 3 x 3 clutter, a student trained from scratch.
   assert old.model.posemb_grid == 6
@@ -166,7 +177,7 @@ def test_the_console_line_is_short_and_the_eta_reads_as_a_clock():
   assert metric_writer.format_duration(3725.4) == "1:02:05"
   assert metric_writer.format_duration(59.6) == "0:01:00"
   assert metric_writer.format_duration(90061) == "25:01:01"
-  line = metric_writer.progress_line(120, 300, {"loss": 1.51937, "infonce": 1.2,
+  line = metric_writer.progress_line(120, 300, {"loss": 1.51937, "q2i": 1.2,
                                                 "examples_per_s": 18.24, "eta_s": 317})
   assert line == "step 120/300  loss 1.519  18.2 examples/s  ETA 0:05:17"
   assert metric_writer.progress_line(1, 300, {"loss": 2.0}) == "step 1/300  loss 2"

@@ -8,6 +8,10 @@ from tigerfg_jax import config_lib
 
 VOCAB_SIZE = 40
 
+# A distill run without a teacher: no term reads one and the student starts fresh.
+NO_TEACHER = {"loss.w_i2v": 0.0, "loss.w_sdd": 0.0, "loss.w_srd": 0.0,
+              "teacher.init_student": False}
+
 # Comparing params after Adam steps taken in different reduction orders (devices,
 # processes): Adam divides by sqrt(v), so an element whose gradient is near zero turns
 # 1e-7 relative noise into an update difference of up to ~1% of a step (lr 1e-3).
@@ -37,6 +41,7 @@ def random_batch(config, batch_size: int, seed: int) -> dict[str, np.ndarray]:
   return {
       "query_image": rng.integers(0, 256, (batch_size, query, query, 3), np.uint8),
       "item_image": rng.integers(0, 256, (batch_size, item, item, 3), np.uint8),
+      "target_image": rng.integers(0, 256, (batch_size, item, item, 3), np.uint8),
       "title_tokens": tokens.astype(np.int32),
       "title_mask": mask,
       "box": rng.uniform(0, 1, (batch_size, 4)).astype(np.float32),
@@ -52,9 +57,8 @@ def train_micro_run(catalog_dir: str, workdir: str, *, catalog_seed: int = 0,
   from tigerfg_jax.data import synthetic
   from tigerfg_jax.training import trainer
   synthetic.write_catalog(catalog_dir, seed=catalog_seed, items=24, image_size=32)
-  config = config_lib.experiment_config("distill", "micro")
-  config.loss.w_sim = 0.0
-  config.teacher.init_student = False
+  config = config_lib.apply_overrides(config_lib.experiment_config("distill", "micro"),
+                                      NO_TEACHER)
   config.train.steps = steps
   config.data.root = catalog_dir
   trainer.train_and_evaluate(config, workdir)

@@ -185,8 +185,7 @@ def _data_config(p: Preset) -> ml_collections.ConfigDict:
   ))
 
 
-def _train_config(p: Preset) -> ml_collections.ConfigDict:
-  steps = p.steps
+def _train_config(steps: int, p: Preset) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       steps=steps,
       batch_size=p.batch_size,      # global batch, divisible by the 'data' mesh axis.
@@ -201,12 +200,19 @@ def _train_config(p: Preset) -> ml_collections.ConfigDict:
 
 
 def _loss_config() -> ml_collections.ConfigDict:
+  # Each term's weight (docs/ARCHITECTURE.md "Losses"); a term whose weight is 0 is not
+  # computed. The stage configs below turn them on.
   return ml_collections.ConfigDict(dict(
-      w_infonce=1.0,                # L_q2i.
-      w_sim=0.0,                    # L_SDD similarity-distribution KL vs the teacher.
-      w_spatial=0.0,                # spatial-map KL of the student's attention.
+      w_q2i=1.0,                    # query-item InfoNCE (+ title-swap hard negatives).
+      w_v2t=0.0,                    # region-text InfoNCE: pooled region vs title.
+      w_i2v=0.0,                    # item vs the privileged teacher's target region.
+      w_sdd=0.0,                    # similarity-distribution KL vs the teacher.
+      w_srd=0.0,                    # spatial-relation KL vs a frozen patch teacher.
+      w_spatial_map=0.0,            # the student's attention map vs the target region.
+      hard_negatives=0,             # K titles each item is re-pooled under (q2i, i2v).
       spatial_target="box",         # 'box' (box mask on the patch grid) | 'teacher'.
-      kd_temperature=1.0,           # T of similarity_kl.
+      kd_temperature=1.0,           # T of the similarity KL.
+      srd_temperature=0.1,          # softmax temperature of the patch relations.
   ))
 
 
@@ -223,7 +229,10 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   config.preset = preset
   config.model = _model_config(PRESETS[preset])
   config.data = _data_config(PRESETS[preset])
-  config.train = _train_config(PRESETS[preset])
+  # Equal compute: the baseline takes as many optimisation steps as the distill
+  # stage's teacher and student together.
+  steps = PRESETS[preset].steps * (2 if stage == "clip_style" else 1)
+  config.train = _train_config(steps, PRESETS[preset])
   config.loss = _loss_config()
   # Teacher for distillation: a checkpoint directory written by a `teacher` run. None
   # in the `distill` stage: train it first in WORKDIR/teacher.
@@ -232,6 +241,13 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
       # Start the student from the teacher's weights (stage 2 continues stage 1; the
       # teacher needs the student's config.model).
       init_student=False,
+      # The frozen patch teacher of L_SRD: a folder written by `python -m
+      # tigerfg_jax.convert --format=dinov2`. None: the teacher's own ViT.
+      patch_teacher=ml_collections.FieldReference(None, field_type=str),
+      # The teacher stage's model: these sizes instead of the student's (None: the
+      # same). A larger teacher cannot initialise the student (init_student=False).
+      vision_variant=ml_collections.FieldReference(None, field_type=str),
+      text_variant=ml_collections.FieldReference(None, field_type=str),
   ))
   config.mesh = ml_collections.ConfigDict(dict(
       data=-1,                      # -1: all devices not used by 'model'.
@@ -248,9 +264,12 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
       retrieval=dict(every=0, at_end=True),   # R@k, mAP@10 of every eval* split.
       box_oracle=dict(every=0, at_end=False),  # deployed vs true-box pooling (tiger).
   ))
+  if stage == "teacher":
+    config.loss.w_v2t = 0.25
+    config.loss.hard_negatives = 3
   if stage == "distill":
-    config.loss.w_sim = 1.0
-    config.loss.w_spatial = 0.5
+    config.loss.update(w_v2t=0.25, w_i2v=0.5, w_sdd=1.0, w_srd=0.5, w_spatial_map=0.5,
+                       hard_negatives=3)
     config.teacher.init_student = True
   if stage == "clip_style":
     config.model.mode = "clip_style"
@@ -346,9 +365,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, allowed in _CHOICES.items():
     if _get(config, key) not in allowed:
       problems.append(f"config.{key}={_get(config, key)!r}: expected one of {allowed}")
-  for key in ("loss.w_infonce", "loss.w_sim", "loss.w_spatial"):
-    if _get(config, key) < 0:
-      problems.append(f"config.{key}={_get(config, key)}: weights must be >= 0")
+  for key in [k for k in config.loss if k.startswith("w_")]:
+    if config.loss[key] < 0:
+      problems.append(f"config.loss.{key}={config.loss[key]}: weights must be >= 0")
+  if not 0 <= config.loss.hard_negatives < config.train.batch_size:
+    problems.append(f"config.loss.hard_negatives={config.loss.hard_negatives}: expected "
+                    f"0 <= K < train.batch_size={config.train.batch_size}")
+  for key in ("loss.kd_temperature", "loss.srd_temperature"):
+    if _get(config, key) <= 0:
+      problems.append(f"config.{key}={_get(config, key)}: expected > 0")
   for key in ("model.posemb_grid", "train.steps", "train.batch_size", "train.log_every",
               "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_size"):
     if _get(config, key) < 1:
@@ -368,6 +393,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(f"config.data.mosaic_prob={config.data.mosaic_prob}: expected [0, 1]")
   if config.data.root and not os.path.isdir(config.data.root):
     problems.append(f"config.data.root={config.data.root!r}: no such directory")
+  if config.teacher.init_student and (config.teacher.vision_variant
+                                      or config.teacher.text_variant):
+    problems.append("config.teacher.vision_variant / text_variant give the teacher other "
+                    "sizes than the student, so it cannot initialise it: set "
+                    "--config.teacher.init_student=false")
+  patch_teacher = config.teacher.patch_teacher
+  if patch_teacher and not os.path.isdir(patch_teacher):
+    problems.append(f"config.teacher.patch_teacher={patch_teacher!r}: no such directory "
+                    "(expected a folder written by `python -m tigerfg_jax.convert "
+                    "--format=dinov2`)")
   teacher = config.teacher.checkpoint
   if teacher and not any(os.path.exists(os.path.join(teacher, name))
                          for name in ("checkpoints", "init_params")):

@@ -83,9 +83,10 @@ def similarity_logits(query_emb: jax.Array, item_emb: jax.Array,
 
 
 def infonce(query_emb: jax.Array, item_emb: jax.Array, temperature: jax.Array | float,
-            positives: jax.Array | None = None,
-            valid: jax.Array | None = None) -> jax.Array:
-  """Symmetric InfoNCE with several positives per row (L_q2i, also L_i2v / L_v2t).
+            positives: jax.Array | None = None, valid: jax.Array | None = None,
+            hard_negatives: jax.Array | None = None,
+            hard_valid: jax.Array | None = None) -> jax.Array:
+  """Symmetric InfoNCE with several positives per row (L_q2i, L_i2v, L_v2t).
 
   With `s = q @ i.T / tau`, query row r costs
   `-log(sum_{p in P_r} exp s_rp / sum_j exp s_rj)` (the multi-positive form of
@@ -93,6 +94,11 @@ def infonce(query_emb: jax.Array, item_emb: jax.Array, temperature: jax.Array | 
   three correct items is not pushed to prefer one of them); item column c costs the
   same over `s.T`. Rows (columns) with no positive among the valid entries are left
   out of their direction's mean.
+
+  Hard negatives are extra candidates of one query row only (TIGER-FG's
+  image-text-mismatch negatives: row r's own item image pooled under other titles):
+  `q_r . h_rk / tau` joins row r's softmax in the query->item direction, never as a
+  positive.
 
   Args:
     query_emb: `[B, E]` L2-normalised.
@@ -102,6 +108,9 @@ def infonce(query_emb: jax.Array, item_emb: jax.Array, temperature: jax.Array | 
       (default: the diagonal).
     valid: bool `[B]` (default all True); False rows are padding: excluded both as
       anchors and as candidates.
+    hard_negatives: `[B, K, E]` L2-normalised, or None.
+    hard_valid: bool `[B, K]` (default all True): False where `h_rk` is no negative
+      of row r (e.g. its title belongs to a positive).
 
   Returns:
     float32 scalar, the mean of the query->item and item->query losses.
@@ -115,13 +124,27 @@ def infonce(query_emb: jax.Array, item_emb: jax.Array, temperature: jax.Array | 
   valid = jnp.ones((size,), bool) if valid is None else jnp.asarray(valid, bool)
   pairs = valid[:, None] & valid[None, :]
 
-  def one_direction(scores: jax.Array, is_positive: jax.Array) -> jax.Array:
-    is_positive = is_positive & pairs
-    log_probs = _masked_log_softmax(scores, pairs)
+  def one_direction(scores: jax.Array, is_positive: jax.Array,
+                    candidates: jax.Array) -> jax.Array:
+    is_positive = is_positive & candidates
+    log_probs = _masked_log_softmax(scores, candidates)
     loss = -_masked_logsumexp(log_probs, is_positive)
     return _masked_mean(loss, valid & jnp.any(is_positive, axis=1))
 
-  return 0.5 * (one_direction(logits, positives) + one_direction(logits.T, positives.T))
+  forward_scores, forward_positives, forward_candidates = logits, positives, pairs
+  if hard_negatives is not None:
+    hard_logits = jnp.einsum(
+        "be,bke->bk", query_emb.astype(jnp.float32), hard_negatives.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST) / jnp.asarray(temperature, jnp.float32)
+    extra = hard_logits.shape[1]
+    hard_ok = (jnp.ones((size, extra), bool) if hard_valid is None
+               else jnp.asarray(hard_valid, bool)) & valid[:, None]
+    forward_scores = jnp.concatenate([logits, hard_logits], axis=1)
+    forward_positives = jnp.concatenate(
+        [positives, jnp.zeros((size, extra), bool)], axis=1)
+    forward_candidates = jnp.concatenate([pairs, hard_ok], axis=1)
+  return 0.5 * (one_direction(forward_scores, forward_positives, forward_candidates)
+                + one_direction(logits.T, positives.T, pairs))
 
 
 def similarity_kl(student_logits: jax.Array, teacher_logits: jax.Array,

@@ -70,10 +70,17 @@ _SAVED_BEFORE = {
     ("data", "synthetic_clutter_grid"): lambda s: 3,
     ("teacher", "init_student"): lambda s: False,
     ("data", "device_augment"): lambda s: False,
+    ("loss", "hard_negatives"): lambda s: 0,
+    ("loss", "w_v2t"): lambda s: 0.0,
+    ("loss", "w_i2v"): lambda s: 0.0,
+    ("loss", "w_srd"): lambda s: 0.0,
 }
 # Keys that runs saved before they moved: their value's new place (None: dropped).
 _MOVED = {
     ("eval", "every"): ("evals", "retrieval", "every"),
+    ("loss", "w_infonce"): ("loss", "w_q2i"),
+    ("loss", "w_sim"): ("loss", "w_sdd"),
+    ("loss", "w_spatial"): ("loss", "w_spatial_map"),
 }
 
 

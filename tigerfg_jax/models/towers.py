@@ -14,6 +14,7 @@ is resampled to each input's grid (`vision.resample_posemb`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -91,12 +92,30 @@ class QueryTower(nn.Module):
     return l2_normalize(embedding)
 
 
+def swap_partners(batch_size: int, count: int) -> jax.Array:
+  """int32 `[B, K]`: the K other batch rows whose titles row r is re-pooled under.
+
+  Row r takes the titles of rows r + 1, ..., r + K (mod B). Examples of one Mosaic
+  canvas are consecutive rows, so its tile-mates' titles (products that are in the
+  image) come first.
+  """
+  if not 0 <= count < batch_size:
+    raise ValueError(f"loss.hard_negatives={count}: expected 0 <= K < the batch size "
+                     f"{batch_size}")
+  rows = jnp.arange(batch_size, dtype=jnp.int32)[:, None]
+  return (rows + jnp.arange(1, count + 1, dtype=jnp.int32)[None, :]) % batch_size
+
+
 class ItemTower(nn.Module):
   """Item image + title -> float32 `[B, E]` L2-normalised embedding.
 
   'tiger': TextGuidedPooling over the patches; `f_i = f_a + MLP(LN(f_m))`.
   'clip_style': a MAPHead pools the whole image (the title plays no part in the
   pooling); `f_i = concat(global, pooled title)`. Both then Dense(E) -> L2.
+
+  Two small heads serve the region-text alignment `L_v2t`: `region_projection` maps
+  the pooled visual feature (`f_a`, or the MAP output) and `title_projection` the
+  pooled title to E dims.
 
   Attributes:
     vision: the ViT (a `VisionEncoder`, possibly shared with the query tower).
@@ -132,10 +151,45 @@ class ItemTower(nn.Module):
   pixel_std: Sequence[float]
   dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    self.text_encoder = text.TextEncoder(
+        self.text_variant, self.vocab_size, self.max_title_len,
+        causal=self.text_causal, pool=self.text_pool, proj_dim=self.text_proj_dim,
+        activation=self.mlp_activation, norm_eps=self.norm_eps,
+        attention=self.attention, remat=self.remat, dtype=self.dtype)
+    if self.mode == "tiger":
+      self.pooling = pooling.TextGuidedPooling(
+          self.pooling_slots, self.pooling_heads, self.pooling_mlp_dim, dtype=self.dtype)
+      self.merge_norm = partitioning.layer_norm(dtype=self.dtype)
+      self.merge_mlp = transformer.MlpBlock(self.pooling_mlp_dim, dtype=self.dtype)
+    else:
+      self.pooling = pooling.MAPHead(self.pooling_heads, self.pooling_mlp_dim,
+                                     dtype=self.dtype)
+    dense = functools.partial(partitioning.dense, self.embed_dim, ("embed", "proj"),
+                              dtype=self.dtype)
+    self.projection = dense()
+    self.region_projection = dense()
+    self.title_projection = dense()
+
+  def _pool(self, cls: jax.Array, patches: jax.Array, title: jax.Array,
+            title_pooled: jax.Array, title_mask: jax.Array,
+            region_mask: jax.Array | None) -> dict[str, jax.Array]:
+    """The item embedding of patches under a title: `item_emb` float32 `[B, E]`,
+    `region` (the pooled visual feature, dtype `[B, D]`) and `attention` `[B, H, N]`."""
+    if self.mode == "tiger":
+      pooled = self.pooling(cls, patches, title, title_mask, region_mask)
+      region = pooled["f_a"]
+      feature = region + self.merge_mlp(self.merge_norm(pooled["f_m"]))
+      attention = pooled["attention"]
+    else:
+      region, attention = self.pooling(patches, region_mask)
+      feature = jnp.concatenate([region, title_pooled], axis=-1)
+    return dict(item_emb=l2_normalize(self.projection(feature)), region=region,
+                attention=attention)
+
   def __call__(self, images: jax.Array, title_tokens: jax.Array,
-               title_mask: jax.Array, region_mask: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               title_mask: jax.Array, region_mask: jax.Array | None = None,
+               swap_titles: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Embeds items.
 
     Args:
@@ -143,39 +197,34 @@ class ItemTower(nn.Module):
       title_tokens: int32 `[B, L]`.
       title_mask: bool `[B, L]`, True on real tokens.
       region_mask: bool `[B, N]` or None: the patches the pooling may read.
+      swap_titles: K >= 0: also pool each item's patches under the titles of its
+        `swap_partners(B, K)` (the ViT runs once; only the pooling reruns).
 
     Returns:
       `(embedding float32 [B, E], aux)`; aux holds `attention` float32 `[B, H, N]`
-      (the pooling's map over patches) and `patches` `[B, N, D]` (dtype, the ViT's
-      patch tokens, for the spatial-relation loss).
+      (the pooling's map over patches), `patches` `[B, N, D]` (dtype, the ViT's
+      patch tokens, for the spatial-relation loss), `region_emb` and `title_emb`
+      float32 `[B, E]` L2-normalised (for `L_v2t`) and, with K > 0, `swap_emb`
+      float32 `[B, K, E]`: row r pooled under the title of row
+      `swap_partners(B, K)[r, k]`.
     """
     tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
                                           self.dtype))
-    patches = tokens[:, 1 + self.num_registers:]
-    title, title_pooled = text.TextEncoder(
-        self.text_variant, self.vocab_size, self.max_title_len,
-        causal=self.text_causal, pool=self.text_pool, proj_dim=self.text_proj_dim,
-        activation=self.mlp_activation, norm_eps=self.norm_eps,
-        attention=self.attention, remat=self.remat, dtype=self.dtype,
-        name="text_encoder")(title_tokens, title_mask)
-    if self.mode == "tiger":
-      pooled = pooling.TextGuidedPooling(
-          self.pooling_slots, self.pooling_heads, self.pooling_mlp_dim,
-          dtype=self.dtype, name="pooling")(tokens[:, 0], patches, title, title_mask,
-                                            region_mask)
-      semantic = partitioning.layer_norm(dtype=self.dtype, name="merge_norm")(
-          pooled["f_m"])
-      feature = pooled["f_a"] + transformer.MlpBlock(
-          self.pooling_mlp_dim, dtype=self.dtype, name="merge_mlp")(semantic)
-      attention = pooled["attention"]
-    else:
-      image, attention = pooling.MAPHead(
-          self.pooling_heads, self.pooling_mlp_dim, dtype=self.dtype,
-          name="pooling")(patches, region_mask)
-      feature = jnp.concatenate([image, title_pooled], axis=-1)
-    embedding = partitioning.dense(self.embed_dim, ("embed", "proj"), dtype=self.dtype,
-                                   name="projection")(feature)
-    return l2_normalize(embedding), dict(attention=attention, patches=patches)
+    cls, patches = tokens[:, 0], tokens[:, 1 + self.num_registers:]
+    title, title_pooled = self.text_encoder(title_tokens, title_mask)
+    pooled = self._pool(cls, patches, title, title_pooled, title_mask, region_mask)
+    aux = dict(attention=pooled["attention"], patches=patches,
+               region_emb=l2_normalize(self.region_projection(pooled["region"])),
+               title_emb=l2_normalize(self.title_projection(title_pooled)))
+    if swap_titles:
+      batch = images.shape[0]
+      partners = swap_partners(batch, swap_titles).reshape(-1)
+      repeat = functools.partial(jnp.repeat, repeats=swap_titles, axis=0)
+      swapped = self._pool(
+          repeat(cls), repeat(patches), title[partners], title_pooled[partners],
+          title_mask[partners], None if region_mask is None else repeat(region_mask))
+      aux["swap_emb"] = swapped["item_emb"].reshape(batch, swap_titles, -1)
+    return pooled["item_emb"], aux
 
 
 class TigerFG(nn.Module):
@@ -231,32 +280,36 @@ class TigerFG(nn.Module):
   def embed_item(self, item_image: jax.Array, title_tokens: jax.Array,
                  title_mask: jax.Array, region_mask: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """See `ItemTower.__call__`: `([B, E] float32, {'attention', 'patches'})`."""
+    """See `ItemTower.__call__`: `([B, E] float32, {'attention', 'patches', ...})`."""
     return self.item_tower(item_image, title_tokens, title_mask, region_mask)
 
   def __call__(self, batch: dict[str, jax.Array], *,
-               region_mask: jax.Array | None = None,
+               region_mask: jax.Array | None = None, swap_titles: int = 0,
                train: bool = False) -> dict[str, jax.Array]:
     """Both towers on a training batch.
 
     Args:
       batch: `query_image`, `item_image` uint8, `title_tokens` int32 `[B, L]`,
         `title_mask` bool `[B, L]` (docs/ARCHITECTURE.md).
-      region_mask: bool `[B, N]` or None; the item pooling reads only these patches
-        (the privileged teacher passes the ground-truth box).
+      region_mask: bool `[B, N]` or None; the item pooling reads only these patches.
+      swap_titles: K: also pool each item under K other titles of the batch
+        (`swap_partners`), the title-swap hard negatives.
       train: part of the call contract; no layer here behaves differently in
         training (there is no dropout), so it changes nothing.
 
     Returns:
       dict: `query_emb`, `item_emb` float32 `[B, E]`; `attention` float32
-      `[B, H, N]`; `item_patches` `[B, N, D]`; `temperature` float32 scalar.
+      `[B, H, N]`; `item_patches` `[B, N, D]`; `region_emb`, `title_emb` float32
+      `[B, E]`; `swap_emb` float32 `[B, K, E]` (only with K > 0); `temperature` float32
+      scalar.
     """
     del train
-    item_emb, aux = self.embed_item(batch["item_image"], batch["title_tokens"],
-                                    batch["title_mask"], region_mask)
-    return dict(query_emb=self.embed_query(batch["query_image"]), item_emb=item_emb,
-                attention=aux["attention"], item_patches=aux["patches"],
-                temperature=self.temperature())
+    item_emb, aux = self.item_tower(batch["item_image"], batch["title_tokens"],
+                                    batch["title_mask"], region_mask, swap_titles)
+    outputs = dict(query_emb=self.embed_query(batch["query_image"]), item_emb=item_emb,
+                   item_patches=aux.pop("patches"), temperature=self.temperature())
+    outputs.update(aux)
+    return outputs
 
 
 def _check_model_config(c: ml_collections.ConfigDict) -> None:

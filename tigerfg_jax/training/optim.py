@@ -19,16 +19,20 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict) -> optax.Sch
       end_value=train_config.learning_rate * 0.01)
 
 
-def _decay_mask(params: Any) -> Any:
-  """Weight decay on matrices only: not on biases, norms, or the log-temperature."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(params: Any) -> Any:
+  """Weight decay on the layers' weight matrices (`kernel`s of Dense, attention and
+  the patch convolution) only: not on biases (also the attention's `[H, hd]` ones),
+  norms, embedding tables, position embeddings, CLS / register / slot / probe tokens
+  or the log-temperature."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(train_config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(train_config),
-                  weight_decay=train_config.weight_decay, mask=_decay_mask))
+                  weight_decay=train_config.weight_decay, mask=decay_mask))
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_state: Any,

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from tigerfg_jax import losses
+from tigerfg_jax.models import towers
 
 
 # `fold_in` data of the device augmentation's key (the loss uses the step key itself).
@@ -36,60 +37,145 @@ class TrainState:
   rng: jax.Array
 
 
+# The objective's terms, as `metrics.jsonl` / TensorBoard name them; term t is weighted
+# by `config.loss.w_<t>` and computed only when that weight is > 0.
+LOSS_TERMS = ("q2i", "v2t", "i2v", "sdd", "srd", "spatial_map")
+
+
 def region_mask(batch: dict[str, jax.Array]) -> jax.Array:
   """bool `[B, N]`: patches the ground-truth box covers (all of them without a box)."""
   return batch["spatial_target"] > 0
 
 
-def loss_terms(student: dict[str, jax.Array], teacher: dict[str, jax.Array] | None,
+def active_terms(loss_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(t for t in LOSS_TERMS if loss_config[f"w_{t}"] > 0)
+
+
+def teacher_views(loss_config: ml_collections.ConfigDict,
+                  has_patch_teacher: bool = False) -> dict[str, bool]:
+  """Which frozen forward passes the distill stage's terms read.
+
+  `crop`: the privileged teacher on the ground-truth crops (`L_SDD`, `L_i2v`).
+  `full`: the teacher on the whole item image, pooling from the box (its attention
+  map for `spatial_target='teacher'`; its patch tokens for `L_SRD` when no separate
+  patch teacher is loaded).
+  """
+  terms = active_terms(loss_config)
+  return dict(
+      crop="sdd" in terms or "i2v" in terms,
+      full=(("spatial_map" in terms and loss_config.spatial_target == "teacher")
+            or ("srd" in terms and not has_patch_teacher)))
+
+
+def same_title(batch: dict[str, jax.Array]) -> jax.Array:
+  """bool `[B, B]`: the two rows' titles are the same token sequence."""
+  tokens = jnp.where(batch["title_mask"], batch["title_tokens"], -1)
+  return jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)
+
+
+def title_swap_negatives(batch: dict[str, jax.Array], positives: jax.Array,
+                         count: int) -> jax.Array:
+  """bool `[B, K]`: row r re-pooled under partner k's title is a negative of row r.
+
+  Not when the partner's title belongs to one of r's positives (same product group)
+  or is r's own title word for word (then the re-pooled item *is* r's item).
+  """
+  partners = towers.swap_partners(positives.shape[0], count)
+  same = same_title(batch)
+  return ~(jnp.take_along_axis(positives, partners, axis=1)
+           | jnp.take_along_axis(same, partners, axis=1))
+
+
+def loss_terms(student: dict[str, jax.Array], teacher: dict[str, dict[str, jax.Array]],
                batch: dict[str, jax.Array],
                loss_config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """Each loss term (float32 scalars) from the student's and teacher's forward passes.
+  """Each active loss term (float32 scalars, `LOSS_TERMS` names).
 
-  `student` / `teacher` are `TigerFG.__call__` outputs over the global batch.
+  Args:
+    student: `TigerFG.__call__` outputs over the global batch (with `swap_emb` when
+      `loss.hard_negatives` > 0).
+    teacher: the frozen views `teacher_views` asks for: `crop` (the teacher's
+      `TigerFG.__call__` on the ground-truth crops), `full` (on the whole item image,
+      pooling from the box) and/or `patches` (`[B, N, Dt]` patch-teacher tokens).
+    batch: the training batch (docs/ARCHITECTURE.md "Batches").
+    loss_config: `config.loss`.
   """
+  terms = active_terms(loss_config)
   positives = batch["group"][:, None] == batch["group"][None, :]
-  terms = {"infonce": losses.infonce(student["query_emb"], student["item_emb"],
-                                     student["temperature"], positives=positives)}
-  attention = jnp.mean(student["attention"], axis=1)
-  if teacher is not None:
-    student_logits = losses.similarity_logits(
-        student["query_emb"], student["item_emb"], student["temperature"])
-    teacher_logits = losses.similarity_logits(
-        teacher["query_emb"], teacher["item_emb"], teacher["temperature"])
-    terms["similarity_kl"] = losses.similarity_kl(
-        student_logits, teacher_logits, loss_config.kd_temperature)
-  if loss_config.spatial_target == "teacher" and teacher is not None:
-    target = jnp.mean(teacher["attention"], axis=1)
-    terms["spatial_map"] = losses.spatial_map_loss(attention, target)
-  else:
-    terms["spatial_map"] = losses.spatial_map_loss(
-        attention, batch["spatial_target"], valid=batch["has_box"])
-  return terms
+  tau = student["temperature"]
+  hard, hard_ok = None, None
+  if loss_config.hard_negatives:
+    hard = student["swap_emb"]
+    hard_ok = title_swap_negatives(batch, positives, loss_config.hard_negatives)
+  out = {}
+  if "q2i" in terms:
+    out["q2i"] = losses.infonce(student["query_emb"], student["item_emb"], tau,
+                                positives=positives, hard_negatives=hard,
+                                hard_valid=hard_ok)
+  if "v2t" in terms:
+    out["v2t"] = losses.infonce(student["region_emb"], student["title_emb"], tau,
+                                positives=positives | same_title(batch))
+  if "i2v" in terms:
+    out["i2v"] = losses.infonce(teacher["crop"]["item_emb"], student["item_emb"], tau,
+                                positives=positives, hard_negatives=hard,
+                                hard_valid=hard_ok)
+  if "sdd" in terms:
+    crop = teacher["crop"]
+    out["sdd"] = losses.similarity_kl(
+        losses.similarity_logits(student["query_emb"], student["item_emb"], tau),
+        losses.similarity_logits(crop["query_emb"], crop["item_emb"], crop["temperature"]),
+        loss_config.kd_temperature)
+  if "srd" in terms:
+    patches = teacher["patches"] if "patches" in teacher else teacher["full"]["item_patches"]
+    out["srd"] = losses.spatial_relation_loss(
+        student["item_patches"], patches, region_mask(batch),
+        temperature=loss_config.srd_temperature, valid=batch["has_box"])
+  if "spatial_map" in terms:
+    if loss_config.spatial_target == "teacher":
+      target = jnp.mean(teacher["full"]["attention"], axis=1)
+    else:
+      target = batch["spatial_target"]
+    out["spatial_map"] = losses.spatial_map_loss(student["attention"], target,
+                                                 valid=batch["has_box"])
+  return out
 
 
 def total_loss(terms: dict[str, jax.Array],
                loss_config: ml_collections.ConfigDict) -> jax.Array:
-  weights = {"infonce": loss_config.w_infonce, "similarity_kl": loss_config.w_sim,
-             "spatial_map": loss_config.w_spatial}
-  return sum(weights[name] * value for name, value in terms.items())
+  return sum(loss_config[f"w_{name}"] * value for name, value in terms.items())
 
 
 def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
-                 loss_config: ml_collections.ConfigDict) -> Callable[..., Any]:
-  """`loss_fn(params, teacher_params, batch, rng) -> (loss, (terms, temperature))`.
+                 loss_config: ml_collections.ConfigDict,
+                 patch_teacher: Callable[[Any, jax.Array], jax.Array] | None = None
+                 ) -> Callable[..., Any]:
+  """`loss_fn(params, frozen, batch, rng) -> (loss, (terms, temperature))`.
 
-  The `teacher` stage pools its items from the ground-truth region (privileged); the
-  student stages see the whole item image. The teacher's forward pass is frozen.
+  The `teacher` stage is privileged: its items are the ground-truth crops
+  (`target_image`). The student stages see the whole item image. `frozen` holds the
+  frozen parameters: `teacher` (of `teacher_model`) and `patch_teacher` (read by
+  `patch_teacher(params, item_images) -> [B, N, Dt]`), each only when used; only the
+  forward passes some active term reads run (`teacher_views`).
   """
-  def loss_fn(params, teacher_params, batch, rng):
-    student_region = region_mask(batch) if stage == "teacher" else None
-    student = model.apply({"params": params}, batch, region_mask=student_region,
+  views = teacher_views(loss_config, patch_teacher is not None)
+  swap = loss_config.hard_negatives
+
+  def loss_fn(params, frozen, batch, rng):
+    student_batch = batch
+    if stage == "teacher":
+      student_batch = dict(batch, item_image=batch["target_image"])
+    student = model.apply({"params": params}, student_batch, swap_titles=swap,
                           train=True, rngs={"dropout": rng})
-    teacher = None
-    if teacher_model is not None:
-      teacher = jax.lax.stop_gradient(teacher_model.apply(
-          {"params": teacher_params}, batch, region_mask=region_mask(batch)))
+    teacher = {}
+    if teacher_model is not None and views["crop"]:
+      teacher["crop"] = teacher_model.apply(
+          {"params": frozen["teacher"]}, dict(batch, item_image=batch["target_image"]))
+    if teacher_model is not None and views["full"]:
+      teacher["full"] = teacher_model.apply({"params": frozen["teacher"]}, batch,
+                                            region_mask=region_mask(batch))
+    if patch_teacher is not None and "srd" in active_terms(loss_config):
+      teacher["patches"] = patch_teacher(frozen["patch_teacher"], batch["item_image"])
+    teacher = jax.lax.stop_gradient(teacher)
     terms = loss_terms(student, teacher, batch, loss_config)
     return total_loss(terms, loss_config), (terms, student["temperature"])
   return loss_fn
@@ -97,17 +183,19 @@ def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
 
 def make_update_fn(loss_fn: Callable[..., Any], optimizer: optax.GradientTransformation,
                    augment: Callable[..., Any] | None = None) -> Callable[..., Any]:
-  """`update(state, teacher_params, batch) -> (state, measurements)`.
+  """`update(state, frozen, batch) -> (state, measurements)`.
+
+  `frozen`: the frozen parameters the loss reads (`make_loss_fn`), or None.
 
   `augment(batch, rng) -> batch` (e.g. `data.device_augment.augment_queries`) runs on
   the device first, with its own key folded from the step's.
   """
-  def update(state: TrainState, teacher_params: Any, batch: dict[str, jax.Array]):
+  def update(state: TrainState, frozen: Any, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
     if augment is not None:
       batch = augment(batch, jax.random.fold_in(rng, _AUGMENT_STREAM))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (terms, temperature)), grads = grad_fn(state.params, teacher_params, batch, rng)
+    (loss, (terms, temperature)), grads = grad_fn(state.params, frozen, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     measurements = dict(terms, loss=loss, temperature=temperature,

@@ -47,6 +47,9 @@ def teacher_stage_config(config: ml_collections.ConfigDict,
   teacher = config_lib.experiment_config("teacher", config.preset)
   teacher.seed = config.seed
   teacher.model = config.model.copy_and_resolve_references()
+  for key in ("vision_variant", "text_variant"):
+    if config.teacher[key]:
+      teacher.model[key] = config.teacher[key]
   teacher.data = config.data.copy_and_resolve_references()
   teacher.data.root = data_root
   teacher.mesh = config.mesh.copy_and_resolve_references()
@@ -81,10 +84,16 @@ def prepare_data(config: ml_collections.ConfigDict,
 # ---------------------------------------------------------------------- teacher ---
 
 def needs_teacher(config: ml_collections.ConfigDict) -> bool:
-  loss = config.loss
-  return config.stage == "distill" and (
-      config.teacher.init_student or loss.w_sim > 0
-      or (loss.w_spatial > 0 and loss.spatial_target == "teacher"))
+  """Whether the stage loads a teacher run (to start from it or for a loss term)."""
+  views = step_lib.teacher_views(config.loss, bool(config.teacher.patch_teacher))
+  return config.stage == "distill" and (config.teacher.init_student or any(views.values()))
+
+
+def needs_target_crops(config: ml_collections.ConfigDict) -> bool:
+  """Whether batches carry the ground-truth crops (`target_image`)."""
+  return (config.stage == "teacher"
+          or (config.stage == "distill"
+              and step_lib.teacher_views(config.loss, True)["crop"]))
 
 
 def student_from_teacher(state: step_lib.TrainState, teacher_params: Any,
@@ -119,11 +128,31 @@ def resolve_teacher(config: ml_collections.ConfigDict, workdir: str, data_root: 
   if config.teacher.checkpoint:
     return config.teacher.checkpoint
   teacher_dir = os.path.join(workdir, "teacher")
+  wanted = teacher_stage_config(config, data_root)
   if os.path.exists(os.path.join(teacher_dir, workdir_lib.EVAL_DIR, workdir_lib.RESULTS_FILE)):
+    check_teacher_matches(wanted, teacher_dir)
     return teacher_dir
   logging.info("No teacher.checkpoint: training the teacher stage in %s", teacher_dir)
-  train_and_evaluate(teacher_stage_config(config, data_root), teacher_dir)
+  train_and_evaluate(wanted, teacher_dir)
   return teacher_dir
+
+
+def check_teacher_matches(wanted: ml_collections.ConfigDict, teacher_dir: str) -> None:
+  """Refuses a finished WORKDIR/teacher trained with another model, data or objective.
+
+  Raises:
+    workdir.ResumeRefusedError: one line per changed key, and what to do.
+  """
+  changed = {key: values for key, values in config_lib.changed_keys(
+      workdir_lib.load_config(teacher_dir), wanted).items()
+             if not config_lib.is_resumable_change(key)}
+  if changed:
+    raise workdir_lib.ResumeRefusedError(
+        f"{teacher_dir} holds a teacher trained with another config than this run's "
+        "teacher stage; delete that folder to retrain it, or pass it as "
+        "--config.teacher.checkpoint to use it anyway:\n  " + "\n  ".join(
+            f"config.{key}: {old!r} (teacher) vs {new!r} (this run)"
+            for key, (old, new) in changed.items()))
 
 
 # ------------------------------------------------------------------- trainer ---
@@ -133,7 +162,7 @@ class Trainer:
   """The jitted pieces of one stage, with their shardings.
 
   init: `(rng) -> TrainState`, laid out by `abstract_state`'s shardings.
-  update: `(state, teacher_params, batch) -> (state, measurements)`; donates `state`.
+  update: `(state, frozen, batch) -> (state, measurements)`; donates `state`.
   """
   model: towers.TigerFG
   abstract_state: Any
@@ -144,7 +173,7 @@ class Trainer:
 
 def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                  vocab_size: int, teacher_model: towers.TigerFG | None = None,
-                 teacher_params: Any = None) -> Trainer:
+                 frozen: Any = None) -> Trainer:
   """Builds the model, optimizer, state shardings and the jitted init/update."""
   model = factory.build_model(config, vocab_size)
   optimizer = optim.make_optimizer(config.train)
@@ -163,13 +192,12 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       params=param_shardings,
       opt_state=optim.opt_state_shardings(optimizer, abstract_state.opt_state,
                                           param_shardings, repl))
-  teacher_shardings = (None if teacher_params is None
-                       else jax.tree.map(lambda a: a.sharding, teacher_params))
+  frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
   loss_fn = step_lib.make_loss_fn(model, teacher_model, config.stage, config.loss)
   batch_sharding = sharding.batch_sharding(mesh)
   augment = device_augment.augment_queries if config.data.device_augment else None
   update = jax.jit(step_lib.make_update_fn(loss_fn, optimizer, augment),
-                   in_shardings=(state_shardings, teacher_shardings, batch_sharding),
+                   in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
   return Trainer(model=model,
                  abstract_state=sharding.with_shardings(abstract_state, state_shardings),
@@ -218,14 +246,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if teacher_dir is not None:
     teacher_model, teacher_params = workdir_lib.load_run(teacher_dir, mesh,
                                                          tokenizer.vocab_size)
-  trainer = make_trainer(config, mesh, tokenizer.vocab_size, teacher_model, teacher_params)
+  frozen = None if teacher_params is None else {"teacher": teacher_params}
+  trainer = make_trainer(config, mesh, tokenizer.vocab_size, teacher_model, frozen)
 
   # --- input pipeline and checkpoint restore ---
   train_iter = pipeline.train_iterator(
       splits["train"], tokenizer, config.data, batch_size=batch_size,
       patch_size=config.model.patch_size, max_title_len=config.model.max_title_len,
       seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), target_crops=needs_target_crops(config))
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
   if manager.latest_step() is not None:
     step0 = manager.latest_step()
@@ -265,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with preemption.PreemptionWatch() as watch, prefetcher, contextlib.closing(train_iter):
     for step in range(first + 1, last + 1):
       batch, data_state = prefetcher.next()
-      state, measurements = trainer.update(state, teacher_params, batch)
+      state, measurements = trainer.update(state, frozen, batch)
       preempted = watch.requested(step)
       is_log = step % config.train.log_every == 0 or step == last
       is_ckpt = step % config.train.checkpoint_every == 0 or step == last or preempted
