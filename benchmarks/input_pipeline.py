@@ -8,16 +8,19 @@ folder, ingests it at the preset's item and query sizes (as training loads it), 
 times each stage in one thread of this process (what one Grain worker does per core):
   read          one ArrayRecord row, no decoding: the baseline of the ratios.
   item          read + decode (+ resize) to the item size (an original training item).
-  mosaic        read + decode 4 items + 2x2 mosaic, per item image.
+  mosaic        read + decode 4 items + a Mosaic canvas of their whole images (4
+                products on a background), per item image.
   query         read + decode + random resized crop, flip, colour jitter.
   query crop    the same without flip and colour jitter (what is left on the host if
                 they move to the device: tigerfg_jax/data/device_augment.py).
   photo jpeg    a 640x480 JPEG photo decoded and resized, with and without the JPEG
                 draft (reduced-scale decoding): an item the cache does not store at size.
-  train unit    one unit of the training map (a Mosaic group or grid^2 originals, with
-                their queries, titles, boxes, spatial targets), per example.
+  train unit    one unit of the training map (a Mosaic unit or mosaic_max_products
+                originals, with their queries, titles, boxes, spatial targets), per
+                example.
   train batch   all units of a batch and their concatenation, per example: the
-                per-core training rate.
+                per-core training rate; "+ target crops" also cuts the teacher's
+                `target_image` (`target_crops=True`).
   grain         `train_iterator` end to end in this process (2 threads), per example.
 Rates are images (or examples) per CPU second of this process (all its threads; one
 thread except the grain row), so what a core does whoever else shares the machine, and
@@ -39,7 +42,7 @@ from absl import app, flags
 from PIL import Image
 
 from tigerfg_jax import config_lib
-from tigerfg_jax.data import augment, folder, pipeline, synthetic
+from tigerfg_jax.data import augment, folder, mosaic, pipeline, synthetic
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 
 _PRESET = flags.DEFINE_enum("preset", "b16", config_lib.PRESETS, "Preset of the sizes.")
@@ -84,10 +87,9 @@ def _stages(split: pipeline.Split, config, rng: np.random.Generator) -> list[tup
     augment.eval_image(split.items[i % n]["image"], item_size)
     return 1
 
-  def mosaic(i):
-    images = [folder.decode_rgb(split.items[(4 * i + t) % n]["image"], item_size // 2)
-              for t in range(4)]
-    augment.mosaic(images, item_size, 2)
+  def canvas(i):
+    images = [folder.decode_rgb(split.items[(4 * i + t) % n]["image"]) for t in range(4)]
+    mosaic.compose([mosaic.Product(image, None, 1.0) for image in images], item_size, rng)
     return 4
 
   def query(i):
@@ -111,7 +113,7 @@ def _stages(split: pipeline.Split, config, rng: np.random.Generator) -> list[tup
     augment.resize(folder.decode_rgb(photo.getvalue()), item_size, item_size)
     return 1
 
-  return [("read", read), ("item", item), ("mosaic", mosaic), ("query", query),
+  return [("read", read), ("item", item), ("mosaic", canvas), ("query", query),
           ("query crop (no flip/jitter)", query_crop), ("photo jpeg, draft", photo_draft),
           ("photo jpeg, full decode", photo_full)]
 
@@ -133,21 +135,24 @@ def main(argv):
     train_args = dict(batch_size=batch_size, patch_size=full.model.patch_size,
                       max_title_len=full.model.max_title_len, seed=0)
     units, per_batch = pipeline.train_units(split, tokenizer, config, **train_args)
+    with_targets, _ = pipeline.train_units(split, tokenizer, config, target_crops=True,
+                                           **train_args)
     config.worker_count = 0
     iterator = pipeline.train_iterator(split, tokenizer, config, **train_args)
 
     def train_unit(i):
       return len(units[i]["group"])
 
-    def train_batch(i):
+    def train_batch(i, source=units):
       return len(pipeline._concatenate(  # pylint: disable=protected-access
-          [units[j] for j in range(i * per_batch, (i + 1) * per_batch)])["group"])
+          [source[j] for j in range(i * per_batch, (i + 1) * per_batch)])["group"])
 
     def grain_batch(i):
       return len(next(iterator)["group"])
 
     rows = _stages(split, config, np.random.default_rng(0)) + [
         ("train unit", train_unit), ("train batch", train_batch),
+        ("train batch + target crops", lambda i: train_batch(i, with_targets)),
         ("grain (2 threads)", grain_batch)]
     print(f"input pipeline, preset {_PRESET.value}: items {config.item_image_size} px, "
           f"queries {config.query_image_size} px, batch {batch_size}, mosaic_prob "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import io
 import json
 import os
 
@@ -38,18 +38,19 @@ def tokenizer(split):
 def _data_config(**overrides):
   config = config_lib.experiment_config("teacher", "micro").data
   config.item_image_size = config.query_image_size = SIZE
+  config.mosaic_max_products = 4  # the tests below count units of 4.
   for key, value in overrides.items():
     config[key] = value
   return config
 
 
 def _batches(split, tokenizer, count, seed=0, start_state=None, batch_size=BATCH,
-             process_index=0, process_count=1, **data_overrides):
+             process_index=0, process_count=1, target_crops=False, **data_overrides):
   """The first `count` batches of a new train_iterator (resumed from `start_state`)."""
   iterator = pipeline.train_iterator(
       split, tokenizer, _data_config(**data_overrides), batch_size=batch_size,
       patch_size=PATCH, max_title_len=MAX_LEN, seed=seed, process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, target_crops=target_crops)
   if start_state is not None:
     iterator.set_state(start_state)
   return iterator, [next(iterator) for _ in range(count)]
@@ -65,6 +66,33 @@ def _item_pixels(split, row):
   return folder.decode_rgb(split.items[row]["image"])
 
 
+def _pil_crop(split, row, box, width, height):
+  """Independent reference: the stored item image's normalised `box` region (None: all
+  of it) resized by PIL alone to uint8 [height, width, 3]."""
+  image = Image.open(io.BytesIO(split.items[row]["image"])).convert("RGB")
+  w, h = image.size
+  region = (0, 0, w, h) if box is None else (box[0] * w, box[1] * h, box[2] * w, box[3] * h)
+  return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR, box=region))
+
+
+def _query_box(split, row):
+  """The normalised box of the query whose only positive is item `row`."""
+  query = split.query_positives.index([row])
+  return spatial.normalize_box(split.query_boxes[query], *split.item_sizes[row])
+
+
+def _canvases(batch, unit=4):
+  """Row lists of the batch's canvases: rows of one unit sharing one item image."""
+  canvases = []
+  for start in range(0, len(batch["group"]), unit):
+    rows = range(start, min(start + unit, len(batch["group"])))
+    for e in rows:
+      same = [f for f in rows if np.array_equal(batch["item_image"][e], batch["item_image"][f])]
+      if len(same) > 1 and same[0] == e:
+        canvases.append(same)
+  return canvases
+
+
 def test_batch_matches_the_contract(split, tokenizer):
   _, (batch,) = _batches(split, tokenizer, 1)
   n = (SIZE // PATCH) ** 2
@@ -78,6 +106,7 @@ def test_batch_matches_the_contract(split, tokenizer):
       "spatial_target": (np.float32, (BATCH, n)),
       "group": (np.int32, (BATCH,)),
   }
+  # target_crops=False (the default): no target_image key.
   assert {k: (v.dtype.type, v.shape) for k, v in batch.items()} == expected
   np.testing.assert_allclose(batch["spatial_target"].sum(1), 1.0, atol=1e-5)
   assert ((batch["box"] >= 0) & (batch["box"] <= 1)).all()
@@ -121,49 +150,93 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(split, tokenizer):
 
 
 def test_originals_use_the_item_image_and_query_box(split, tokenizer):
-  _, (batch,) = _batches(split, tokenizer, 1, mosaic_prob=0.0)
+  _, (batch,) = _batches(split, tokenizer, 1, mosaic_prob=0.0, target_crops=True)
+  _, (without,) = _batches(split, tokenizer, 1, mosaic_prob=0.0)
+  assert "target_image" not in without
   for e, row in enumerate(batch["group"]):
     expected = augment.resize(_item_pixels(split, row), SIZE, SIZE)
     np.testing.assert_array_equal(batch["item_image"][e], expected)
-    query = split.query_positives.index([row])
-    box = spatial.normalize_box(split.query_boxes[query], *split.item_sizes[row])
+    box = _query_box(split, row)
     np.testing.assert_allclose(batch["box"][e], box)
+    # The teacher's input is the box region of the stored image, resized to Si.
+    np.testing.assert_array_equal(batch["target_image"][e], _pil_crop(split, row, box, SIZE, SIZE))
     np.testing.assert_allclose(batch["spatial_target"][e],
                                spatial.patch_target(box, SIZE // PATCH), atol=1e-6)
 
 
-def test_mosaic_box_and_target_land_on_the_tile(split, tokenizer):
-  _, (batch,) = _batches(split, tokenizer, 1, mosaic_prob=1.0)
-  tiles = augment.mosaic_tiles(SIZE, 2)
-  grid = SIZE // PATCH
-  for e, row in enumerate(batch["group"]):
-    x0, y0, x1, y1 = tiles[e % 4]
-    mosaic = batch["item_image"][e]
-    np.testing.assert_array_equal(mosaic, batch["item_image"][e - e % 4])
-    # The tile shows this example's item; the box lies inside the tile, where its
-    # product is (the box is the item's own box scaled into the tile).
-    np.testing.assert_array_equal(mosaic[y0:y1, x0:x1],
-                                  augment.resize(_item_pixels(split, row), x1 - x0, y1 - y0))
-    query = split.query_positives.index([row])
-    bx = spatial.normalize_box(split.query_boxes[query], *split.item_sizes[row])
-    expected = [(x0 + bx[0] * (x1 - x0)) / SIZE, (y0 + bx[1] * (y1 - y0)) / SIZE,
-                (x0 + bx[2] * (x1 - x0)) / SIZE, (y0 + bx[3] * (y1 - y0)) / SIZE]
-    np.testing.assert_allclose(batch["box"][e], expected, atol=1e-6)
-    target = batch["spatial_target"][e].reshape(grid, grid)
-    outside = np.ones((grid, grid), bool)
-    outside[y0 // PATCH:y1 // PATCH, x0 // PATCH:x1 // PATCH] = False
-    assert target[outside].sum() == 0 and abs(target.sum() - 1) < 1e-5
-  assert batch["has_box"].all()
-
-
-def test_mosaic_fraction_and_grouping(split, tokenizer):
-  # mosaic_prob 0.5 of 8 examples = exactly one 2x2 mosaic per batch, listed first.
-  _, batches = _batches(split, tokenizer, 3, mosaic_prob=0.5)
+def test_mosaic_pastes_each_product_at_its_box(split, tokenizer):
+  _, batches = _batches(split, tokenizer, 4, mosaic_prob=1.0, target_crops=True)
+  grid, low, high = SIZE // PATCH, 0.30 * SIZE, 0.55 * SIZE
+  sizes = set()
   for batch in batches:
-    images = batch["item_image"]
-    assert all(np.array_equal(images[0], images[e]) for e in range(4))
-    assert not any(np.array_equal(images[e], images[f])
-                   for e, f in itertools.combinations(range(3, BATCH), 2))
+    canvases = _canvases(batch)
+    on_canvas = {e for rows in canvases for e in rows}
+    for rows in canvases:
+      sizes.add(len(rows))
+      assert len(rows) <= 4 and batch["has_box"][rows].all()
+      # Distractors are other products: other groups and other titles.
+      assert len({int(batch["group"][e]) for e in rows}) == len(rows)
+      titles = {split.titles[batch["group"][e]] for e in rows}
+      assert len(titles) == len(rows)
+      rects = {e: np.rint(batch["box"][e] * SIZE).astype(int) for e in rows}
+      for e in rows:
+        row = int(batch["group"][e])
+        x0, y0, x1, y1 = rects[e]
+        assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+        assert low <= max(x1 - x0, y1 - y0) <= high
+        # The product is the query box's region, aspect kept (in the file's pixels).
+        box = _query_box(split, row)
+        width, height = split.item_sizes[row]
+        aspect = (box[2] - box[0]) * width / ((box[3] - box[1]) * height)
+        assert abs((x1 - x0) / (y1 - y0) - aspect) <= aspect * 1.0 / min(x1 - x0, y1 - y0)
+        expected = _pil_crop(split, row, box, x1 - x0, y1 - y0)
+        others = np.zeros((SIZE, SIZE), bool)
+        for f in rows:
+          if f != e:
+            others[rects[f][1]:rects[f][3], rects[f][0]:rects[f][2]] = True
+        visible = ~others[y0:y1, x0:x1]
+        assert visible.any()
+        np.testing.assert_array_equal(batch["item_image"][e][y0:y1, x0:x1][visible],
+                                      expected[visible])
+        np.testing.assert_array_equal(batch["target_image"][e],
+                                      _pil_crop(split, row, box, SIZE, SIZE))
+        np.testing.assert_allclose(batch["spatial_target"][e],
+                                   spatial.patch_target(batch["box"][e], grid), atol=1e-6)
+    for e in set(range(BATCH)) - on_canvas:
+      row = int(batch["group"][e])
+      np.testing.assert_array_equal(batch["item_image"][e],
+                                    augment.resize(_item_pixels(split, row), SIZE, SIZE))
+      np.testing.assert_allclose(batch["box"][e], _query_box(split, row))
+  assert sizes >= {2, 3}
+
+
+def test_mosaic_fraction(split, tokenizer):
+  # All titles and groups of this catalog differ, so every product of a canvas stays.
+  assert len(set(split.titles)) == split.num_items
+  for prob in (0.25, 0.5):
+    _, batches = _batches(split, tokenizer, 40, mosaic_prob=prob)
+    fraction = np.mean([sum(len(rows) for rows in _canvases(b)) / BATCH for b in batches])
+    assert abs(fraction - prob) < 0.08, (prob, fraction)
+
+
+def test_mosaic_leaves_out_products_of_one_group_or_title():
+  tokens = np.asarray([[1, 5, 2], [1, 5, 2], [1, 6, 2], [1, 7, 2], [1, 8, 2]], np.int32)
+  unit = pipeline._TrainUnit(
+      items=None, item_sizes=np.ones((5, 2)), item_groups=np.asarray([0, 1, 2, 2, 3]),
+      title_tokens=tokens, title_mask=tokens > 0, item_size=SIZE, query_size=SIZE, grid=4,
+      mosaic_prob=1.0, max_products=4, flip_and_jitter=False, target_crops=False,
+      batch_size=4, layout_seed=0)
+  rng = np.random.default_rng(0)
+  kept_sizes = set()
+  for _ in range(200):
+    # Items 0 and 1 share a title, items 2 and 3 a group; item 4 differs from all.
+    rows = np.asarray(rng.permutation([0, 1, 2, 3, 4])[:4])
+    for members in unit._canvases(rows, rng):
+      items = set(rows[members].tolist())
+      assert len(members) >= 2 and not {0, 1} <= items and not {2, 3} <= items
+      kept_sizes.add(len(members))
+  assert kept_sizes == {2, 3}
+  assert unit._canvases(np.asarray([2, 3, 2, 3]), rng) == []
 
 
 def test_one_to_many_groups_and_positive_choice(tmp_path, tokenizer):
@@ -173,13 +246,18 @@ def test_one_to_many_groups_and_positive_choice(tmp_path, tokenizer):
     assert len({int(split.item_groups[p]) for p in positives}) == 1
   assert len(set(split.item_groups.tolist())) < split.num_items
   _, batches = _batches(split, TitleTokenizer.train(split.titles, 64), 6, batch_size=4,
-                        mosaic_prob=0.0)
+                        mosaic_prob=0.0, target_crops=True)
   for batch in batches:
     for e in range(4):
       if not batch["has_box"][e]:
         # The box is known only for item_ids[0]; another positive was drawn.
         np.testing.assert_array_equal(batch["box"][e], 0)
         np.testing.assert_allclose(batch["spatial_target"][e], 1 / 16, atol=1e-7)
+        # Without a box the teacher sees the whole item image (one of the group's items).
+        target = batch["target_image"][e]
+        np.testing.assert_array_equal(target, batch["item_image"][e])
+        rows = np.flatnonzero(split.item_groups == batch["group"][e])
+        assert any(np.array_equal(_pil_crop(split, r, None, SIZE, SIZE), target) for r in rows)
   assert not all(b["has_box"].all() for b in batches)
 
 
@@ -215,8 +293,9 @@ def test_eval_batches_in_order_padded(root, split, tokenizer):
 
 def test_worker_processes_give_the_same_batches_and_resume_across_counts(split, tokenizer):
   flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags (GOTCHAS.md).
-  _, expected = _batches(split, tokenizer, 5, seed=4)
-  iterator, batches = _batches(split, tokenizer, 2, seed=4, worker_count=2)
+  _, expected = _batches(split, tokenizer, 5, seed=4, target_crops=True)
+  assert "target_image" in expected[0] and _canvases(expected[0])
+  iterator, batches = _batches(split, tokenizer, 2, seed=4, worker_count=2, target_crops=True)
   try:
     state = json.loads(json.dumps(iterator.get_state()))
     batches += [next(iterator) for _ in range(3)]
@@ -225,25 +304,23 @@ def test_worker_processes_give_the_same_batches_and_resume_across_counts(split, 
   for x, y in zip(expected, batches):
     _assert_same(x, y)
   # The state is the same for any worker count: restore it in-process.
-  _, resumed = _batches(split, tokenizer, 3, seed=4, start_state=state)
+  _, resumed = _batches(split, tokenizer, 3, seed=4, start_state=state, target_crops=True)
   for x, y in zip(expected[2:], resumed):
     _assert_same(x, y)
 
 
-def test_units_follow_batches_when_tiles_do_not_divide_them(split, tokenizer):
-  # 10 examples, 2x2 mosaics: units of 4, 4, 2; at mosaic_prob 1 the two full units
-  # are mosaics and the last two examples are originals.
+def test_units_follow_batches_when_products_do_not_divide_them(split, tokenizer):
+  # 10 examples, units of up to 4: units of 4, 4, 2; at mosaic_prob 1 the two full units
+  # are Mosaic units and the last two examples are built normally.
   batch_size = 10
   _, batches = _batches(split, tokenizer, 5, batch_size=batch_size, mosaic_prob=1.0)
   _, plain = _batches(split, tokenizer, 5, batch_size=batch_size, mosaic_prob=0.0)
   for batch, other in zip(batches, plain):
-    images = batch["item_image"]
-    for start in (0, 4):
-      assert all(np.array_equal(images[start], images[e]) for e in range(start, start + 4))
-    assert not np.array_equal(images[0], images[4])
+    canvases = _canvases(batch)
+    assert canvases and all(max(rows) < 8 for rows in canvases)
+    assert all(rows[0] // 4 == rows[-1] // 4 for rows in canvases)
     for e in (8, 9):
-      np.testing.assert_array_equal(
-          images[e], augment.resize(_item_pixels(split, batch["group"][e]), SIZE, SIZE))
+      np.testing.assert_array_equal(batch["item_image"][e], other["item_image"][e])
     # Mosaics change item images and boxes, not which queries the batch holds.
     np.testing.assert_array_equal(batch["group"], other["group"])
   steps = split.num_queries // batch_size

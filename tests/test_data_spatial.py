@@ -62,29 +62,6 @@ def test_normalize_box_and_grid_size():
     spatial.grid_size(60, 8)
 
 
-def test_mosaic_tiles_cover_the_image_and_boxes_follow():
-  for size, grid in ((32, 2), (30, 4), (224, 3)):
-    tiles = augment.mosaic_tiles(size, grid)
-    covered = np.zeros((size, size), int)
-    for x0, y0, x1, y1 in tiles:
-      covered[y0:y1, x0:x1] += 1
-    assert (covered == 1).all()
-  tile = augment.mosaic_tiles(64, 2)[3]
-  np.testing.assert_allclose(augment.box_in_tile(np.asarray([0.0, 0.5, 0.5, 1.0]), tile, 64),
-                             [0.5, 0.75, 0.75, 1.0])
-  np.testing.assert_allclose(augment.box_in_tile(None, tile, 64), [0.5, 0.5, 1.0, 1.0])
-
-
-def test_mosaic_places_each_image_in_its_tile():
-  colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
-  images = [Image.new("RGB", (50, 40), c) for c in colours]
-  canvas = augment.mosaic(images, 32, 2)
-  for (x0, y0, x1, y1), colour in zip(augment.mosaic_tiles(32, 2), colours):
-    assert (canvas[y0:y1, x0:x1] == colour).all()
-  with pytest.raises(ValueError, match="needs 4 images"):
-    augment.mosaic(images[:3], 32, 2)
-
-
 def test_query_augmentation_is_deterministic_and_sized():
   pixels = np.random.default_rng(0).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
   image = Image.fromarray(pixels)

@@ -1,10 +1,6 @@
-"""Image resizing and augmentation: the evaluation resize, query jitter and item Mosaic.
+"""Image resizing and augmentation: the evaluation resize, box crops and query jitter.
 Randomness comes from an explicit `np.random.Generator`; images go in as PIL RGB (or
-encoded bytes) and come out as uint8 [S, S, 3].
-
-Mosaic (as in the paper) tiles `grid x grid` item images into one image of the item
-size; each tile's target box moves with its tile, so one mosaic serves as the item of
-grid^2 training examples, one per tile, that compete as negatives in the same batch.
+encoded bytes) and come out as uint8 [H, W, 3]. The item Mosaic is tigerfg_jax/data/mosaic.py.
 """
 
 from __future__ import annotations
@@ -25,6 +21,18 @@ def resize(image: Image.Image, width: int, height: int) -> np.ndarray:
   if image.size != (width, height):
     image = image.resize((width, height), _RESAMPLE, reducing_gap=3.0)
   return np.asarray(image, np.uint8)
+
+
+def crop_resize(image: Image.Image, box: Sequence[float] | None, width: int,
+                height: int) -> np.ndarray:
+  """The region `box` (normalised x0, y0, x1, y1; None: the whole image) of `image`,
+  resized (aspect not kept) to uint8 [height, width, 3], sampled from the image's own
+  pixels (sub-pixel box edges, no intermediate resize)."""
+  w, h = image.size
+  x0, y0, x1, y1 = (0.0, 0.0, 1.0, 1.0) if box is None else (float(v) for v in box)
+  region = (x0 * w, y0 * h, x1 * w, y1 * h)
+  return np.asarray(image.resize((width, height), _RESAMPLE, box=region, reducing_gap=3.0),
+                    np.uint8)
 
 
 def eval_image(data: bytes, size: int) -> np.ndarray:
@@ -78,31 +86,3 @@ def augment_query(image: Image.Image, rng: np.random.Generator, size: int,
   if rng.random() < 0.5:
     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return color_jitter(np.asarray(crop, np.uint8), rng)
-
-
-def mosaic_tiles(size: int, grid: int) -> np.ndarray:
-  """int [grid * grid, 4]: pixel rectangles x0, y0, x1, y1 of the tiles, row-major."""
-  edges = np.round(np.arange(grid + 1) * size / grid).astype(int)
-  return np.asarray([[edges[c], edges[r], edges[c + 1], edges[r + 1]]
-                     for r in range(grid) for c in range(grid)])
-
-
-def mosaic(images: Sequence[Image.Image], size: int, grid: int) -> np.ndarray:
-  """grid * grid images (row-major) tiled into uint8 [size, size, 3]."""
-  if len(images) != grid * grid:
-    raise ValueError(f"a {grid}x{grid} mosaic needs {grid * grid} images, got {len(images)}")
-  canvas = np.empty((size, size, 3), np.uint8)
-  for image, (x0, y0, x1, y1) in zip(images, mosaic_tiles(size, grid)):
-    canvas[y0:y1, x0:x1] = resize(image, x1 - x0, y1 - y0)
-  return canvas
-
-
-def box_in_tile(box: np.ndarray | None, tile: Sequence[int], size: int) -> np.ndarray:
-  """A normalised box of a tile's image -> float32 [4] normalised in the mosaic.
-
-  Without a box the tile itself is the target's box: the item fills its tile.
-  """
-  x0, y0, x1, y1 = (float(v) for v in tile)
-  b = np.asarray((0.0, 0.0, 1.0, 1.0) if box is None else box, np.float64)
-  return (np.asarray([x0 + b[0] * (x1 - x0), y0 + b[1] * (y1 - y0),
-                      x0 + b[2] * (x1 - x0), y0 + b[3] * (y1 - y0)]) / size).astype(np.float32)

@@ -2,17 +2,31 @@
 
 Training (`train_iterator`): query records -> global shuffle (seed, reshuffled every
 epoch) -> repeat -> this process's slice (elements p, p + P, ...: disjoint across
-processes and, together, the global stream) -> units of grid^2 consecutive records
-(`_BatchUnits`: each batch of `batch_size // P` records cut into units) -> a per-unit
-`random_map` building the unit's examples (in Grain worker processes when
-`data.worker_count` != 0; queries are flipped and jittered here unless
+processes and, together, the global stream) -> units of M = `data.mosaic_max_products`
+consecutive records (`_BatchUnits`: each batch of `batch_size // P` records cut into
+units) -> a per-unit `random_map` building the unit's examples (in Grain worker processes
+when `data.worker_count` != 0; queries are flipped and jittered here unless
 `data.device_augment`, when the train step does it) -> the units of a batch concatenated
-into the batch dict of docs/ARCHITECTURE.md. In each batch a random number of Mosaic
-groups (expected fraction `mosaic_prob` of the examples) come first: each is one unit,
-whose grid^2 examples share one mosaic of their item images, each with its tile's title,
-box and spatial target; the rest use their item image alone. A mosaic example always has
-a box: its item's box moved into its tile, or the whole tile when the item's box is
-unknown (the item fills its tile).
+into the batch dict of docs/ARCHITECTURE.md.
+
+Mosaic (tigerfg_jax/data/mosaic.py): the first units of each batch, a random number of
+them whose expectation puts a fraction `mosaic_prob` of the examples on a canvas, are
+Mosaic units. A Mosaic unit's examples are cut into canvases of 2..M consecutive examples
+(`mosaic.partition`: 1..M-1 distractors each, drawn at random; a last single example is
+built normally). On a canvas each example's product (its box region of the item image,
+or the whole image without a box) is pasted with the others' onto a random background;
+every example of the canvas has the canvas as its item image, its own title, and as box
+(`has_box` True) and spatial target where its product was pasted. A product whose group
+or title tokens equal those of a product already on its canvas is left out and its
+example built normally (two listings of one product are not negatives of each other);
+a canvas left with one product is dropped the same way. Other examples: the item image
+resized (`augment.eval_image`), with the query's box.
+
+Privileged teacher input (`target_crops=True`): `target_image` uint8 [B, Si, Si, 3] is
+the example's target alone: its box region cut from the decoded stored item image (the
+best resolution the pipeline has) and resized to Si x Si (aspect not kept, as item images
+are squashed); without a box, the item image; on a canvas, the product's source region
+(as pasted, without what covers it). `target_crops=False`: no key, no work.
 
 An example is one query: its item is one of its positives drawn at random; its box is
 known when that item is `item_ids[0]` (the box's reference image) and the query has a
@@ -33,7 +47,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from tigerfg_jax.data import augment, folder, ingest, spatial, tokenizer as tokenizer_lib
+from tigerfg_jax.data import augment, folder, ingest, mosaic, spatial
+from tigerfg_jax.data import tokenizer as tokenizer_lib
 
 # Evaluation batches built concurrently: PIL releases the GIL while decoding and
 # resizing, so a few threads help; more only hold more batches in memory.
@@ -147,36 +162,36 @@ def _check_stored_sizes(split: Split, data_config) -> None:
                        f"data.{key}={data_config[key]}: load it with the config's sizes")
 
 
-def _units_per_batch(batch_size: int, tiles: int) -> int:
-  return -(-batch_size // tiles)
+def _units_per_batch(batch_size: int, unit_size: int) -> int:
+  return -(-batch_size // unit_size)
 
 
 class _BatchUnits(grain.MapDataset):
   """Element k: `(k, records)`: unit k % U of batch k // U of the `parent` records.
 
   Batch b is the records `b * batch_size ...`; it is cut into U = ceil(batch_size /
-  tiles) units of `tiles` consecutive records (the last one shorter when tiles does not
-  divide the batch). A unit is built by one map call, so a Mosaic group never spans two
-  calls, and the batch is the concatenation of its U units.
+  unit_size) units of `unit_size` consecutive records (the last one shorter when
+  unit_size does not divide the batch). A unit is built by one map call, so a Mosaic
+  canvas never spans two calls, and the batch is the concatenation of its U units.
   """
 
-  def __init__(self, parent: grain.MapDataset, batch_size: int, tiles: int):
+  def __init__(self, parent: grain.MapDataset, batch_size: int, unit_size: int):
     super().__init__(parent)
-    self._batch_size, self._tiles = batch_size, tiles
-    self.units_per_batch = _units_per_batch(batch_size, tiles)
+    self._batch_size, self._unit_size = batch_size, unit_size
+    self.units_per_batch = _units_per_batch(batch_size, unit_size)
 
   def __len__(self) -> int:
     return len(self._parent) // self._batch_size * self.units_per_batch
 
   def __str__(self) -> str:
-    return f"_BatchUnits(batch_size={self._batch_size}, tiles={self._tiles})"
+    return f"_BatchUnits(batch_size={self._batch_size}, unit_size={self._unit_size})"
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
     batch, unit = divmod(index, self.units_per_batch)
-    start = batch * self._batch_size + unit * self._tiles
-    stop = min(start + self._tiles, (batch + 1) * self._batch_size)
+    start = batch * self._batch_size + unit * self._unit_size
+    stop = min(start + self._unit_size, (batch + 1) * self._batch_size)
     return index, [self._parent[i] for i in range(start, stop)]
 
 
@@ -184,7 +199,7 @@ class _BatchUnits(grain.MapDataset):
 class _TrainUnit:
   """Builds the examples of one unit `(k, query records)` (a grain random_map).
 
-  Units `0 .. m - 1` of a batch are Mosaic groups, where m (`num_mosaics`) depends only
+  Units `0 .. m - 1` of a batch are Mosaic units, where m (`num_mosaics`) depends only
   on the batch index and `layout_seed`, so every unit of a batch agrees on it.
   """
   items: ingest.RecordSource
@@ -196,66 +211,120 @@ class _TrainUnit:
   query_size: int
   grid: int
   mosaic_prob: float
-  mosaic_grid: int
+  max_products: int
   flip_and_jitter: bool
+  target_crops: bool
   batch_size: int
   layout_seed: int
 
   def num_mosaics(self, batch_index: int) -> int:
-    """Mosaics in batch `batch_index`; on average mosaic_prob * batch_size examples are
-    in one."""
+    """Mosaic units in batch `batch_index`; on average they put mosaic_prob *
+    batch_size examples on canvases (at most every full unit is one)."""
     rng = np.random.default_rng([self.layout_seed, batch_index])
-    tiles = self.mosaic_grid ** 2
-    expected = self.mosaic_prob * self.batch_size / tiles
+    per_unit = mosaic.expected_on_canvases(self.max_products, self.max_products)
+    expected = self.mosaic_prob * self.batch_size / per_unit
     count = math.floor(expected) + int(rng.random() < expected - math.floor(expected))
-    return min(count, self.batch_size // tiles)
+    return min(count, self.batch_size // self.max_products)
 
-  def _item_images(self, item_rows: np.ndarray, boxes: np.ndarray, has_box: np.ndarray,
-                   mosaic: bool) -> np.ndarray:
-    """uint8 `[n, Si, Si, 3]`; for a mosaic, moves `boxes` into the tiles (in place)."""
-    size = self.item_size
-    if not mosaic:
-      return np.stack([augment.eval_image(self.items[int(r)]["image"], size)
-                       for r in item_rows])
-    images = [folder.decode_rgb(self.items[int(r)]["image"], size // self.mosaic_grid)
-              for r in item_rows]
-    for e, tile in enumerate(augment.mosaic_tiles(size, self.mosaic_grid)):
-      boxes[e] = augment.box_in_tile(boxes[e] if has_box[e] else None, tile, size)
-    has_box[:] = True
-    canvas = augment.mosaic(images, size, self.mosaic_grid)
-    return np.broadcast_to(canvas, (len(item_rows), *canvas.shape)).copy()
+  def _canvases(self, item_rows: np.ndarray, rng: np.random.Generator) -> list[list[int]]:
+    """The unit's canvases (example indices), without products of a group or title
+    already on the canvas; canvases of fewer than 2 products are dropped."""
+    canvases = []
+    for members in mosaic.partition(len(item_rows), self.max_products, rng):
+      kept: list[int] = []
+      for e in members:
+        row = item_rows[e]
+        if all(self.item_groups[row] != self.item_groups[item_rows[k]]
+               and not np.array_equal(self.title_tokens[row], self.title_tokens[item_rows[k]])
+               for k in kept):
+          kept.append(e)
+      if len(kept) >= 2:
+        canvases.append(kept)
+    return canvases
+
+  def _plain(self, data: bytes, box: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 [Si, Si, 3] item image and target image (None unless target_crops)."""
+    image = augment.eval_image(data, self.item_size)
+    if not self.target_crops:
+      return image, None
+    if box is None:
+      return image, image
+    return image, augment.crop_resize(folder.decode_rgb(data), box, self.item_size,
+                                      self.item_size)
+
+  def _canvas(self, data: list[bytes], boxes: list[np.ndarray | None], item_rows: np.ndarray,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One canvas of the products of `data` (item rows `item_rows`, boxes or None): the
+    canvas uint8 [Si, Si, 3], the pasted boxes float32 [n, 4] and target images uint8
+    [n, Si, Si, 3] (None unless target_crops)."""
+    products = []
+    for encoded, box, row in zip(data, boxes, item_rows):
+      image = folder.decode_rgb(encoded)
+      products.append(mosaic.Product(image, box,
+                                     mosaic.product_aspect(box, *self.item_sizes[row])))
+    canvas, pasted = mosaic.compose(products, self.item_size, rng)
+    if not self.target_crops:
+      return canvas, pasted, None
+    return canvas, pasted, np.stack([
+        augment.crop_resize(p.image, p.box, self.item_size, self.item_size) for p in products])
+
+  def _positives(self, queries: list[dict[str, Any]], rng: np.random.Generator
+                 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Each query's item row (a positive drawn at random) and normalised box (None unless
+    the item is the box's image `positives[0]` and the query has a box)."""
+    item_rows = np.empty(len(queries), np.int64)
+    boxes: list[np.ndarray | None] = []
+    for e, query in enumerate(queries):
+      pick = int(rng.integers(len(query["positives"])))
+      item_rows[e] = query["positives"][pick]
+      known = pick == 0 and query["has_box"]
+      boxes.append(spatial.normalize_box(query["box"], *self.item_sizes[item_rows[e]])
+                   if known else None)
+    return item_rows, boxes
 
   def __call__(self, unit: tuple[int, list[dict[str, Any]]],
                rng: np.random.Generator) -> dict[str, np.ndarray]:
     index, queries = unit
-    batch_index, position = divmod(
-        index, _units_per_batch(self.batch_size, self.mosaic_grid ** 2))
-    n = len(queries)
-    item_rows = np.empty(n, np.int64)
-    boxes = np.zeros((n, 4), np.float32)
-    has_box = np.zeros(n, bool)
-    for e, query in enumerate(queries):
-      pick = int(rng.integers(len(query["positives"])))
-      item_rows[e] = query["positives"][pick]
-      if pick == 0 and query["has_box"]:
-        boxes[e] = spatial.normalize_box(query["box"], *self.item_sizes[item_rows[e]])
-        has_box[e] = True
-    mosaic = position < self.num_mosaics(batch_index)
-    item_image = self._item_images(item_rows, boxes, has_box, mosaic)
+    batch_index, position = divmod(index, _units_per_batch(self.batch_size, self.max_products))
+    n, size = len(queries), self.item_size
+    item_rows, boxes = self._positives(queries, rng)
+    data = [self.items[int(r)]["image"] for r in item_rows]
+    item_image = np.empty((n, size, size, 3), np.uint8)
+    target_image = np.empty_like(item_image) if self.target_crops else None
+    canvases = (self._canvases(item_rows, rng)
+                if position < self.num_mosaics(batch_index) else [])
+    on_canvas = {e for members in canvases for e in members}
+    for e in sorted(set(range(n)) - on_canvas):
+      item_image[e], target = self._plain(data[e], boxes[e])
+      if target is not None:
+        target_image[e] = target
+    for members in canvases:
+      canvas, pasted, targets = self._canvas(
+          [data[e] for e in members], [boxes[e] for e in members], item_rows[members], rng)
+      item_image[members] = canvas
+      for e, box in zip(members, pasted):
+        boxes[e] = box
+      if targets is not None:
+        target_image[members] = targets
+    has_box = np.asarray([b is not None for b in boxes])
+    box_array = np.stack([np.zeros(4, np.float32) if b is None else b for b in boxes])
     query_image = np.stack([
         augment.augment_query(folder.decode_rgb(q["image"], self.query_size), rng,
                               self.query_size, self.flip_and_jitter)
         for q in queries])
-    return {
+    batch = {
         "query_image": query_image,
         "item_image": item_image,
         "title_tokens": self.title_tokens[item_rows],
         "title_mask": self.title_mask[item_rows],
-        "box": boxes,
+        "box": box_array.astype(np.float32),
         "has_box": has_box,
-        "spatial_target": spatial.patch_targets(boxes, has_box, self.grid),
+        "spatial_target": spatial.patch_targets(box_array, has_box, self.grid),
         "group": self.item_groups[item_rows],
     }
+    if target_image is not None:
+      batch["target_image"] = target_image
+    return batch
 
 
 def _concatenate(units: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -330,20 +399,21 @@ class TrainIterator:
 
 def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
                 batch_size: int, patch_size: int, max_title_len: int, seed: int,
-                process_index: int = 0,
-                process_count: int = 1) -> tuple[grain.MapDataset, int]:
+                process_index: int = 0, process_count: int = 1,
+                target_crops: bool = False) -> tuple[grain.MapDataset, int]:
   """This process's training units and how many make a batch.
 
   Units: a random-access grain MapDataset of dicts with the batch keys of
-  docs/ARCHITECTURE.md and a leading dimension of at most `data.mosaic_grid ** 2`
-  examples; U consecutive units (from a multiple of U) make a batch of
-  `batch_size // process_count`. A unit is what a worker builds in one call.
+  docs/ARCHITECTURE.md (`target_image` only with `target_crops`) and a leading dimension
+  of at most `data.mosaic_max_products` examples; U consecutive units (from a multiple
+  of U) make a batch of `batch_size // process_count`. A unit is what a worker builds in
+  one call.
   """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-  if not 0.0 <= data_config.mosaic_prob <= 1.0 or data_config.mosaic_grid < 1:
-    raise ValueError(f"need 0 <= data.mosaic_prob <= 1 and data.mosaic_grid >= 1, got "
-                     f"{data_config.mosaic_prob}, {data_config.mosaic_grid}")
+  if not 0.0 <= data_config.mosaic_prob <= 1.0 or data_config.mosaic_max_products < 2:
+    raise ValueError(f"need 0 <= data.mosaic_prob <= 1 and data.mosaic_max_products >= 2, "
+                     f"got {data_config.mosaic_prob}, {data_config.mosaic_max_products}")
   _check_stored_sizes(split, data_config)
   local_batch = batch_size // process_count
   tokens, mask = tokenizer.encode(split.titles, max_title_len)
@@ -354,21 +424,23 @@ def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_conf
       title_tokens=tokens, title_mask=mask, item_size=data_config.item_image_size,
       query_size=data_config.query_image_size,
       grid=spatial.grid_size(data_config.item_image_size, patch_size),
-      mosaic_prob=data_config.mosaic_prob, mosaic_grid=data_config.mosaic_grid,
-      flip_and_jitter=not data_config.device_augment, batch_size=local_batch,
-      layout_seed=int(layout_seed))
+      mosaic_prob=data_config.mosaic_prob, max_products=data_config.mosaic_max_products,
+      flip_and_jitter=not data_config.device_augment, target_crops=target_crops,
+      batch_size=local_batch, layout_seed=int(layout_seed))
   records = (grain.MapDataset.source(split.queries)
              .shuffle(seed=seed)
              .repeat()[process_index::process_count])
-  units = _BatchUnits(records, local_batch, data_config.mosaic_grid ** 2)
+  units = _BatchUnits(records, local_batch, data_config.mosaic_max_products)
   return units.random_map(build, seed=int(augment_seed)), units.units_per_batch
 
 
 def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
                    batch_size: int, patch_size: int, max_title_len: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> TrainIterator:
+                   process_index: int = 0, process_count: int = 1,
+                   target_crops: bool = False) -> TrainIterator:
   """Endless iterator of this process's training batches (`batch_size // process_count`).
 
+  `target_crops`: add `target_image` (the privileged teacher's input; module docstring).
   Deterministic given `seed` (and the process index), whatever `data.worker_count`:
   units are built per example group in `worker_count(data.worker_count)` Grain worker
   processes (0: threads of this process) and batched here. See `TrainIterator` for the
@@ -377,7 +449,7 @@ def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_c
   units, units_per_batch = train_units(
       split, tokenizer, data_config, batch_size=batch_size, patch_size=patch_size,
       max_title_len=max_title_len, seed=seed, process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, target_crops=target_crops)
   return TrainIterator(units, units_per_batch, worker_count(data_config.worker_count))
 
 
