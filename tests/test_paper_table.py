@@ -13,6 +13,7 @@ import pytest
 from tigerfg_jax import config_lib
 from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.experiments import paper_table
+from tigerfg_jax.training import step as step_lib
 from tigerfg_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,9 @@ def test_each_row_adds_one_piece(tmp_path):
         row, preset="micro", seed=7, data_root=str(data),
         teacher_dir=str(teacher) if row.teacher else None, steps=3)
     config_lib.validate(configs[row.key])
-    assert configs[row.key].seed == 7 and configs[row.key].train.steps == 3
+    # Equal compute: a row without a teacher trains the teacher's and the student's steps.
+    assert configs[row.key].seed == 7
+    assert configs[row.key].train.steps == (6 if row.teacher is None and row.in_table else 3)
     assert configs[row.key].data.root == str(data)
     assert configs[row.key].preset == "micro"
 
@@ -76,21 +79,24 @@ def test_each_row_adds_one_piece(tmp_path):
   assert default_mosaic > 0
   base = configs["clip_style"]
   assert (base.stage, base.model.mode, base.data.mosaic_prob) == ("clip_style", "clip_style", 0)
-  assert (base.loss.w_sim, base.loss.w_spatial) == (0, 0)
+  assert step_lib.active_terms(base.loss) == ("q2i",) and base.loss.hard_negatives == 0
   assert changed("clip_style", "text_guided") == {"stage", "model.mode"}
   assert changed("text_guided", "mosaic") == {"data.mosaic_prob"}
   assert configs["mosaic"].data.mosaic_prob == default_mosaic
-  # The teacher row brings the teacher: its weights start the student, its similarities
-  # are the KL's target.
-  assert changed("mosaic", "similarity_kl") == {"loss.w_sim", "teacher.checkpoint",
-                                                "teacher.init_student"}
-  assert configs["similarity_kl"].loss.w_sim > 0
-  assert configs["similarity_kl"].teacher.init_student
-  assert changed("similarity_kl", "spatial_map") == {"loss.w_spatial"}
-  assert configs["spatial_map"].loss.w_spatial > 0
+  assert changed("mosaic", "title_swap") == {"loss.hard_negatives"}
+  # The teacher comes in: its weights start the student, its crops are L_i2v's targets.
+  assert changed("title_swap", "v2t_i2v") == {
+      "loss.w_v2t", "loss.w_i2v", "teacher.checkpoint", "teacher.init_student",
+      "train.steps", "train.warmup_steps"}
+  assert changed("v2t_i2v", "sdd") == {"loss.w_sdd"}
+  assert changed("sdd", "srd") == {"loss.w_srd"}
+  assert changed("srd", "spatial_map") == {"loss.w_spatial_map"}
+  for key in ("v2t_i2v", "sdd", "srd", "spatial_map"):
+    assert configs[key].teacher.init_student
+  assert step_lib.active_terms(configs["spatial_map"].loss) == step_lib.LOSS_TERMS
   # The full row is configs/distill.py as it stands, plus seed, steps, data and teacher.
   distill = paper_table.load_config_file(os.path.join(REPO, "configs", "distill.py"), "micro")
-  distill.seed, distill.train.steps = 7, 3
+  distill.seed, distill.train.steps, distill.train.warmup_steps = 7, 3, 1
   distill.data.root, distill.teacher.checkpoint = str(data), str(teacher)
   assert _flat(distill) == _flat(configs["spatial_map"])
   assert _flat(configs["one_to_many"]) == _flat(configs["spatial_map"])
@@ -98,8 +104,8 @@ def test_each_row_adds_one_piece(tmp_path):
 
 
 def test_rows_to_run_adds_teachers_first():
-  keys = [row.key for row in paper_table.rows_to_run(["one_to_many", "similarity_kl"])]
-  assert keys == ["teacher", "similarity_kl", "teacher_one_to_many", "one_to_many"]
+  keys = [row.key for row in paper_table.rows_to_run(["one_to_many", "sdd"])]
+  assert keys == ["teacher", "sdd", "teacher_one_to_many", "one_to_many"]
   with pytest.raises(ValueError, match="unknown row.*nope"):
     paper_table.rows_to_run(["clip_style", "nope"])
 

@@ -171,8 +171,10 @@ def _data_config(p: Preset) -> ml_collections.ConfigDict:
       synthetic_image_size=max(p.item_image_size, 64),
       item_image_size=p.item_image_size,
       query_image_size=p.query_image_size,
-      mosaic_prob=p.mosaic_prob,    # fraction of training items drawn as mosaics.
-      mosaic_grid=2,                # mosaic of grid x grid tiles.
+      # Expected fraction of training examples on a Mosaic canvas: products cut from
+      # their boxes pasted on a random background, 2..mosaic_max_products per canvas.
+      mosaic_prob=p.mosaic_prob,
+      mosaic_max_products=4,
       skip_bad=False,               # skip invalid records (counted) instead of failing.
       # Grain worker processes building training examples: 0 = threads of the training
       # process; -1 = the cores this process may use less 2 (pipeline.worker_count).
@@ -391,6 +393,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "(from the cores) or >= 0")
   if not 0 <= config.data.mosaic_prob <= 1:
     problems.append(f"config.data.mosaic_prob={config.data.mosaic_prob}: expected [0, 1]")
+  if config.data.mosaic_max_products < 2:
+    problems.append(f"config.data.mosaic_max_products={config.data.mosaic_max_products}: "
+                    "expected >= 2 (a target and at least one distractor)")
   if config.data.root and not os.path.isdir(config.data.root):
     problems.append(f"config.data.root={config.data.root!r}: no such directory")
   if config.teacher.init_student and (config.teacher.vision_variant

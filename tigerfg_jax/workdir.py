@@ -81,6 +81,7 @@ _MOVED = {
     ("loss", "w_infonce"): ("loss", "w_q2i"),
     ("loss", "w_sim"): ("loss", "w_sdd"),
     ("loss", "w_spatial"): ("loss", "w_spatial_map"),
+    ("data", "mosaic_grid"): None,
 }
 
 

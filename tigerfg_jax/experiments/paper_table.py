@@ -5,12 +5,17 @@ r"""The paper's ablation table on the synthetic benchmark, trained and written i
 
 Rows (each adds one piece to the one above; `ROWS` below is the whole recipe):
 
-  clip_style       configs/clip_style.py: global pooling + title fusion, InfoNCE, no Mosaic.
-  text_guided      configs/distill.py with loss.w_sim=0, loss.w_spatial=0,
-                   teacher.init_student=False, data.mosaic_prob=0: no teacher.
-  mosaic           as text_guided with the default Mosaic probability.
-  similarity_kl    configs/distill.py with loss.w_spatial=0: the teacher (row `teacher`)
-                   starts the student with its weights and is the KL's target.
+  clip_style       configs/clip_style.py: global pooling + title fusion, InfoNCE, no
+                   Mosaic; as many steps as the teacher and the student together.
+  text_guided      configs/distill.py with every term but L_q2i off, no title-swap
+                   negatives, no Mosaic, no teacher (equal compute: twice the steps).
+  mosaic           + the default Mosaic probability.
+  title_swap       + title-swap hard negatives in L_q2i.
+  v2t_i2v          + L_v2t and L_i2v; the teacher (row `teacher`) starts the student
+                   with its weights and its ground-truth-crop embeddings are L_i2v's
+                   targets (from here on: the teacher's steps + the student's).
+  sdd              + the similarity-distribution KL to the teacher.
+  srd              + the spatial-relation KL to the teacher's patch tokens.
   spatial_map      configs/distill.py as is: the full TIGER-FG.
   one_to_many      the full TIGER-FG on a one-to-many catalog (its own teacher); a hit
                    is any of the query's positives.
@@ -56,7 +61,10 @@ BASELINE = "clip_style"
 CATALOG_DIRS = {"default": "data", "one_to_many": "data_one_to_many"}
 _RUN_RECORD = "paper_table_run.json"
 
-_NO_DISTILLATION = {"loss.w_sim": 0.0, "loss.w_spatial": 0.0, "teacher.init_student": False}
+_NO_TEACHER = {"loss.w_i2v": 0.0, "loss.w_sdd": 0.0, "loss.w_srd": 0.0,
+               "teacher.init_student": False}
+_Q2I_ONLY = {**_NO_TEACHER, "loss.w_v2t": 0.0, "loss.w_spatial_map": 0.0,
+             "loss.hard_negatives": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,8 @@ class Row:
     catalog: 'default' or 'one_to_many' (CATALOG_DIRS).
     teacher: key of the row whose run (same seed) is its frozen teacher, or None.
     in_table: False for the helper runs (the teachers); they are still in the JSON.
+    equal_compute: a row without a teacher trains twice the steps, as many as the
+      teacher's and the student's together.
   """
   key: str
   label: str
@@ -79,17 +89,25 @@ class Row:
   catalog: str = "default"
   teacher: str | None = None
   in_table: bool = True
+  equal_compute: bool = False
 
 
 # Teachers come before the rows that read them: runs go in this order.
 ROWS = (
     Row("teacher", "privileged teacher (stage 1)", "teacher.py", in_table=False),
-    Row("clip_style", "clip_style", "clip_style.py"),
+    Row("clip_style", "clip_style (equal compute)", "clip_style.py", equal_compute=True),
     Row("text_guided", "+ text-guided pooling", "distill.py",
-        {**_NO_DISTILLATION, "data.mosaic_prob": 0.0}),
-    Row("mosaic", "+ Mosaic", "distill.py", dict(_NO_DISTILLATION)),
-    Row("similarity_kl", "+ teacher init + similarity KL", "distill.py",
-        {"loss.w_spatial": 0.0}, teacher="teacher"),
+        {**_Q2I_ONLY, "data.mosaic_prob": 0.0}, equal_compute=True),
+    Row("mosaic", "+ Mosaic", "distill.py", dict(_Q2I_ONLY), equal_compute=True),
+    Row("title_swap", "+ title-swap hard negatives", "distill.py",
+        {**_NO_TEACHER, "loss.w_v2t": 0.0, "loss.w_spatial_map": 0.0}, equal_compute=True),
+    Row("v2t_i2v", "+ v2t / i2v (teacher init + target)", "distill.py",
+        {"loss.w_sdd": 0.0, "loss.w_srd": 0.0, "loss.w_spatial_map": 0.0},
+        teacher="teacher"),
+    Row("sdd", "+ similarity KL (SDD)", "distill.py",
+        {"loss.w_srd": 0.0, "loss.w_spatial_map": 0.0}, teacher="teacher"),
+    Row("srd", "+ spatial relations (SRD)", "distill.py", {"loss.w_spatial_map": 0.0},
+        teacher="teacher"),
     Row("spatial_map", "+ spatial map (full TIGER-FG)", "distill.py", teacher="teacher"),
     Row("teacher_one_to_many", "privileged teacher (stage 1), one-to-many catalog",
         "teacher.py", catalog="one_to_many", in_table=False),
@@ -116,15 +134,19 @@ def load_config_file(path: str, arg: str | None) -> ml_collections.ConfigDict:
 
 def row_config(row: Row, *, preset: str, seed: int, data_root: str,
                teacher_dir: str | None, steps: int | None) -> ml_collections.ConfigDict:
-  """The full config of one row x seed."""
+  """The full config of one row x seed.
+
+  `steps`: the student's steps (None: the preset's); equal-compute rows take twice.
+  """
   config = load_config_file(os.path.join(CONFIGS_DIR, row.config_file), preset)
   config_lib.apply_overrides(config, row.overrides)
   config.seed = seed
   config.data.root = data_root
   if teacher_dir is not None:
     config.teacher.checkpoint = teacher_dir
-  if steps is not None:
-    config.train.steps = steps
+  base = steps if steps is not None else config_lib.PRESETS[preset].steps
+  config.train.steps = base * (2 if row.equal_compute else 1)
+  config.train.warmup_steps = max(1, config.train.steps // 20)
   return config
 
 
@@ -216,7 +238,8 @@ def format_report(report: dict[str, Any], json_name: str) -> str:
       f"sample standard deviation over the n training seeds "
       f"({', '.join(map(str, report['seeds']))}; the catalog is the same for all); "
       f"preset `{report['preset']}`"
-      + (f", {report['steps']} training steps per run" if report["steps"] else "")
+      + (f", {report['steps']} training steps per teacher / student run (rows without "
+         "a teacher: twice as many)" if report["steps"] else "")
       + ". Each row adds one piece to the row above it. `normal`: one product per item "
       "image; `cluttered`: the titled product among distractors on a busy background.",
       "",
@@ -380,7 +403,8 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", ["0", "1", "2"], "training seeds")
   flags.DEFINE_list("rows", list(TABLE_ROW_KEYS),
                     f"table rows, of {', '.join(TABLE_ROW_KEYS)}")
-  flags.DEFINE_integer("steps", None, "train.steps of every run (default: the preset's)")
+  flags.DEFINE_integer("steps", None, "train.steps of the teachers and students (default: "
+                       "the preset's); rows without a teacher train twice as many")
   flags.DEFINE_integer("items", None, "synthetic train items (default: the preset's)")
   flags.DEFINE_integer("image_size", None, "synthetic image side (default: the preset's)")
   flags.DEFINE_string("out", "docs/results.md", "Markdown table; the JSON goes next to it")
