@@ -4,6 +4,9 @@ r"""Imports a CLIP checkpoint into a tigerfg_jax workdir (docs/ARCHITECTURE.md
   python -m tigerfg_jax.convert --checkpoint=PATH --config=configs/distill.py[:preset] \
       --out=DIR [--allow_pickle] [--config.KEY=VALUE ...]
 
+(`--format=dinov2` converts a DINOv2 checkpoint into a patch teacher instead:
+`convert.dinov2`, `--format=dinov2 --help`.)
+
 PATH: a Hugging Face `CLIPModel` folder (`model.safetensors` + `config.json`, as
 `save_pretrained` writes it), a `.safetensors` file, or a PyTorch state dict
 (`.bin` / `.pt` / `.pth`, Hugging Face or open_clip ViT layout; see
@@ -485,6 +488,3 @@ def main(argv):
   args = flags.FLAGS
   convert(args.checkpoint, args.config, args.out, allow_pickle=args.allow_pickle)
 
-
-def run() -> None:
-  cli.run(main, define_flags, "tigerfg_jax.convert")

@@ -189,6 +189,9 @@ class EncoderBlock(nn.Module):
 
   `activation` is the MLP's (`ACTIVATIONS`), `norm_eps` the LayerNorms' epsilon,
   `attention` one of `ATTENTION_KINDS`, `causal` as in `MultiHeadAttention`.
+  `layer_scale`: None (off, no parameters), or the initial value of a learned
+  per-channel scale `[D]` on each branch before its residual add (CaiT / DINOv2
+  LayerScale: x + ls1 * Attn(LN(x)), then x + ls2 * MLP(LN(x))).
   """
   num_heads: int
   mlp_dim: int
@@ -196,7 +199,15 @@ class EncoderBlock(nn.Module):
   norm_eps: float = 1e-6
   attention: str = "dot_product"
   causal: bool = False
+  layer_scale: float | None = None
   dtype: Dtype = jnp.float32
+
+  def _scaled(self, y: jax.Array, name: str) -> jax.Array:
+    if self.layer_scale is None:
+      return y
+    scale = self.param(name, partitioning.init(nn.initializers.constant(self.layer_scale),
+                                               ("norm",)), (y.shape[-1],), jnp.float32)
+    return y * scale.astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -206,10 +217,10 @@ class EncoderBlock(nn.Module):
     y = norm(name="norm1")(x)
     y, _ = MultiHeadAttention(self.num_heads, dtype=self.dtype, kind=self.attention,
                               causal=self.causal, name="attn")(y, y, mask)
-    x = x + y
+    x = x + self._scaled(y, "ls1")
     y = norm(name="norm2")(x)
-    return x + MlpBlock(self.mlp_dim, activation=self.activation, dtype=self.dtype,
-                        name="mlp")(y)
+    y = MlpBlock(self.mlp_dim, activation=self.activation, dtype=self.dtype, name="mlp")(y)
+    return x + self._scaled(y, "ls2")
 
 
 def remat_block(policy: str) -> type[EncoderBlock]:
@@ -237,6 +248,7 @@ class Encoder(nn.Module):
   norm_eps: float = 1e-6
   attention: str = "dot_product"
   causal: bool = False
+  layer_scale: float | None = None
   remat: str = "none"
   dtype: Dtype = jnp.float32
 
@@ -247,6 +259,6 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, activation=self.activation,
                 norm_eps=self.norm_eps, attention=self.attention, causal=self.causal,
-                dtype=self.dtype, name=f"block_{i}")(x, mask)
+                layer_scale=self.layer_scale, dtype=self.dtype, name=f"block_{i}")(x, mask)
     return partitioning.layer_norm(dtype=self.dtype, epsilon=self.norm_eps,
                                    name="norm")(x)

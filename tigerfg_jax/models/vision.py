@@ -12,7 +12,7 @@ sizes (TIGER-FG's shared ViT sees small query crops and larger item images).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,15 @@ _VARIANTS = {
     "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
     "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
 }
+
+
+class ViTSize(NamedTuple):
+  """Explicit ViT sizes, for a checkpoint whose sizes no variant name gives (a converted
+  patch teacher, `models.patch_teacher`)."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
 
 
 def decode_variant(name: str) -> dict[str, int]:
@@ -66,7 +75,7 @@ class VisionEncoder(nn.Module):
   """ViT over normalised float pixels.
 
   Attributes:
-    variant: size name for `decode_variant`.
+    variant: size name for `decode_variant`, or explicit `ViTSize`.
     patch_size: patch side in pixels; the image side must be a multiple of it.
     posemb_grid: side of the grid the position embedding is learned on (`[G * G, D]`);
       inputs of another grid get it resampled (`resample_posemb`).
@@ -74,17 +83,20 @@ class VisionEncoder(nn.Module):
     pre_norm: a LayerNorm over all tokens before the blocks (CLIP's `ln_pre`).
     activation: the MLPs' activation (`transformer.ACTIVATIONS`).
     norm_eps: epsilon of every LayerNorm here.
+    layer_scale: the blocks' LayerScale (`transformer.EncoderBlock`; None: off, as in
+      every TigerFG tower).
     attention: self-attention kind (`transformer.ATTENTION_KINDS`).
     remat: the blocks' remat policy (`transformer.REMAT_POLICIES`).
     dtype: compute dtype.
   """
-  variant: str
+  variant: str | ViTSize
   patch_size: int
   posemb_grid: int
   num_registers: int = 0
   pre_norm: bool = False
   activation: str = "gelu"
   norm_eps: float = 1e-6
+  layer_scale: float | None = None
   attention: str = "dot_product"
   remat: str = "none"
   dtype: Any = jnp.float32
@@ -92,8 +104,9 @@ class VisionEncoder(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """`[B, S, S, 3]` normalised pixels -> tokens `[B, 1 + R + N, D]` in dtype."""
-    size = decode_variant(self.variant)
-    width = size["width"]
+    size = (self.variant if isinstance(self.variant, ViTSize)
+            else ViTSize(**decode_variant(self.variant)))
+    width = size.width
     image_h, image_w = images.shape[1:3]
     if image_h % self.patch_size or image_w % self.patch_size:
       raise ValueError(f"image size {image_h}x{image_w} is not a multiple of "
@@ -128,7 +141,7 @@ class VisionEncoder(nn.Module):
     if self.pre_norm:
       x = partitioning.layer_norm(dtype=self.dtype, epsilon=self.norm_eps,
                                   name="pre_norm")(x)
-    return transformer.Encoder(size["depth"], size["num_heads"], size["mlp_dim"],
+    return transformer.Encoder(size.depth, size.num_heads, size.mlp_dim,
                                activation=self.activation, norm_eps=self.norm_eps,
-                               attention=self.attention, remat=self.remat,
-                               dtype=self.dtype, name="encoder")(x)
+                               attention=self.attention, layer_scale=self.layer_scale,
+                               remat=self.remat, dtype=self.dtype, name="encoder")(x)
