@@ -66,35 +66,39 @@ def _host_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str,
   for key in ("query_image", "item_image"):
     batch[key] = rng.integers(0, 256, batch[key].shape, np.uint8)
   batch["title_tokens"] = rng.integers(4, _VOCAB, batch["title_tokens"].shape, np.int32)
+  if trainer_lib.needs_target_crops(config):
+    batch["target_image"] = rng.integers(0, 256, batch["item_image"].shape, np.uint8)
   return batch
 
 
 def measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Times `config`'s update; returns the row's numbers."""
   mesh = sharding.make_mesh(config.mesh)
-  teacher_model, teacher_params = None, None
+  teacher_model, frozen, teacher_config = None, None, None
   if trainer_lib.needs_teacher(config):
     plain = trainer_lib.make_trainer(config, mesh, _VOCAB)
-    teacher_model, teacher_params = plain.model, plain.init(jax.random.PRNGKey(1)).params
-  built = trainer_lib.make_trainer(config, mesh, _VOCAB, teacher_model, teacher_params)
+    teacher_model = plain.model
+    frozen = {"teacher": plain.init(jax.random.PRNGKey(1)).params}
+    teacher_config = config
+  built = trainer_lib.make_trainer(config, mesh, _VOCAB, teacher_model, frozen)
   state = built.init(jax.random.PRNGKey(0))
   batch = sharding.global_batch(_host_batch(config, config.train.batch_size),
                                 built.batch_sharding)
   start = time.perf_counter()
-  compiled = built.update.lower(state, teacher_params, batch).compile()
+  compiled = built.update.lower(state, frozen, batch).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   for _ in range(_WARMUP.value):
-    state, measurements = compiled(state, teacher_params, batch)
+    state, measurements = compiled(state, frozen, batch)
   jax.block_until_ready(state)
   times = []
   for _ in range(_STEPS.value):
     start = time.perf_counter()
-    state, measurements = compiled(state, teacher_params, batch)
+    state, measurements = compiled(state, frozen, batch)
     jax.block_until_ready(measurements)
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  step_flops = flops.train_step_flops(config, with_teacher=teacher_model is not None)
+  step_flops = flops.train_step_flops(config, teacher_config)
   devices = jax.device_count()
   return dict(
       ms=1e3 * step_s, examples_per_s=config.train.batch_size / step_s,

@@ -1,8 +1,9 @@
 r"""Stage 1: the privileged teacher.
 
-Its item embedding is pooled from the ground-truth target region (the box mask on the
-patch grid restricts the text-guided pooling), the explicit-localisation pipeline the
-student later matches without boxes. Trained with InfoNCE on original + Mosaic items.
+Its items are the ground-truth crops (the target box cut out of the item image and
+resized to the item size), so neither its ViT nor its CLS sees the clutter: the
+explicit-localisation pipeline the student later matches without boxes. Trained with
+q2i (title-swap hard negatives) and v2t on original and Mosaic items.
 
   python -m tigerfg_jax.main --config=configs/teacher.py[:tiny|b16] --workdir=DIR
 """

@@ -57,7 +57,7 @@ def test_last_line_reports_memory_and_flops(runs):
   # The whole step does at least the matmuls of the analytic count (XLA also counts
   # elementwise work): the distill step, the larger of the two compiled.
   config = config_lib.experiment_config("distill", "micro")
-  assert step_flops >= flops.train_step_flops(config, with_teacher=True)
+  assert step_flops >= flops.train_step_flops(config, config)
 
 
 def test_both_stages_of_distill_are_compiled(runs):

@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import train_helpers
+from tests.test_losses import spatial_relation_reference
 from tigerfg_jax.convert import clip_layout
 from tigerfg_jax.convert import dinov2 as convert_dinov2
-from tigerfg_jax.models import patch_teacher, vision
+from tigerfg_jax.models import factory, patch_teacher, vision
+from tigerfg_jax.training import step as step_lib
 
 torch = pytest.importorskip(
     "torch", reason="the converter tests need torch (requirements-test.txt)")
@@ -241,3 +244,25 @@ def test_cli_writes_a_patch_teacher(dinov2, tmp_path):
   for name, value in convert_dinov2.clip.flat_params(teacher.params).items():
     np.testing.assert_array_equal(convert_dinov2.clip.flat_params(again.params)[name],
                                   value, err_msg=name)
+
+
+def test_the_distill_loss_takes_srd_from_the_patch_teacher(dinov2):
+  """L_SRD with a converted patch teacher: the student's patch relations inside the
+  box against the teacher's tokens of the same item images, as the float64 reference
+  computes them; the stage-1 teacher is not needed for it."""
+  teacher = dinov2[3]
+  config = train_helpers.micro_config(**{**train_helpers.NO_TEACHER, "loss.w_srd": 1.0})
+  model = factory.build_model(config, train_helpers.VOCAB_SIZE)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0),
+                                    factory.dummy_batch(config, 2)))["params"]
+  batch = {k: jnp.asarray(v) for k, v in train_helpers.random_batch(config, 6, 0).items()}
+  grid = config.data.item_image_size // config.model.patch_size
+  assert not step_lib.teacher_views(config.loss, has_patch_teacher=True)["full"]
+  loss_fn = step_lib.make_loss_fn(model, None, "distill", config.loss, patch_grid=grid)
+  _, (terms, _) = loss_fn(params, {"patch_teacher": teacher}, batch, jax.random.PRNGKey(1))
+  student = model.apply({"params": params}, batch)
+  reference_tokens = patch_teacher.patch_tokens(teacher, batch["item_image"], grid)
+  want = spatial_relation_reference(
+      np.asarray(student["item_patches"]), np.asarray(reference_tokens),
+      np.asarray(batch["spatial_target"]) > 0, config.loss.srd_temperature)
+  np.testing.assert_allclose(float(terms["srd"]), want, rtol=1e-4)

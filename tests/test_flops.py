@@ -59,7 +59,7 @@ def lowered_step(preset: str, stage: str):
   stage_config, teacher_config = aot_check.stage_configs(config)[-1]
   lowered = aot_check.lower_stage(stage_config, sharding.make_mesh(config.mesh),
                                   teacher_config)
-  return lowered, flops.train_step_flops(config, with_teacher=teacher_config is not None)
+  return lowered, flops.train_step_flops(stage_config, teacher_config)
 
 
 @pytest.mark.parametrize("preset", ["micro", "tiny"])
@@ -94,14 +94,20 @@ def test_compiled_step_agrees():
   assert 0 < cost["flops"] / analytic - 1 < ELEMENTWISE_SHARE["micro"]
 
 
-def test_distill_adds_one_teacher_forward():
-  """Three student passes (two for the patch embedding) plus one teacher forward."""
+def test_q2i_alone_is_three_passes_and_the_sdd_teacher_one_forward():
+  """Without the other terms: three student passes (two for the patch embedding);
+  L_SDD adds one teacher forward (on the crops) and its similarities."""
   config = config_lib.experiment_config("distill", "micro")
+  config_lib.apply_overrides(config, {
+      "loss.w_v2t": 0.0, "loss.w_i2v": 0.0, "loss.w_srd": 0.0, "loss.w_spatial_map": 0.0,
+      "loss.w_sdd": 0.0, "loss.hard_negatives": 0})
   forward = flops.forward_flops(config)
   one_pass = sum(forward.values())
-  with_teacher = flops.train_step_flops(config, with_teacher=True)
-  assert with_teacher - flops.train_step_flops(config, with_teacher=False) == one_pass
-  assert with_teacher == 4 * one_pass - forward["patch_embed"]
+  alone = flops.train_step_flops(config, config)
+  assert alone == 3 * one_pass - forward["patch_embed"]
+  config.loss.w_sdd = 1.0
+  # The student's logits once more for the KL (3x), the teacher's forward and logits.
+  assert flops.train_step_flops(config, config) - alone == 3 * forward["logits"] + one_pass
 
 
 def test_flops_scale_linearly_with_the_batch_but_logits_quadratically():

@@ -77,6 +77,8 @@ def abstract_batch(config: ml_collections.ConfigDict,
                    batch_sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
   """The global training batch as sharded ShapeDtypeStructs."""
   shapes = jax.eval_shape(lambda: factory.dummy_batch(config, config.train.batch_size))
+  if trainer_lib.needs_target_crops(config):
+    shapes["target_image"] = shapes["item_image"]
   return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
           for k, v in shapes.items()}
 
@@ -87,14 +89,13 @@ def lower_stage(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   compile-only devices too), from abstract arguments only; for `distill`, the frozen
   teacher's model comes from `teacher_config` and its params are an argument."""
   vocab_size = config.data.vocab_size
-  teacher_model, teacher_params = None, None
+  teacher_model, frozen = None, None
   if teacher_config is not None:
     teacher_model = factory.build_model(teacher_config, vocab_size)
-    teacher_params = sharding.abstract_params(teacher_model, teacher_config, mesh)
-  trainer = trainer_lib.make_trainer(config, mesh, vocab_size, teacher_model,
-                                     teacher_params)
+    frozen = {"teacher": sharding.abstract_params(teacher_model, teacher_config, mesh)}
+  trainer = trainer_lib.make_trainer(config, mesh, vocab_size, teacher_model, frozen)
   batch = abstract_batch(config, trainer.batch_sharding)
-  return trainer.update.lower(trainer.abstract_state, teacher_params, batch)
+  return trainer.update.lower(trainer.abstract_state, frozen, batch)
 
 
 def stage_report(compiled: Any, num_devices: int) -> dict[str, int]:
@@ -140,7 +141,7 @@ def check(config: ml_collections.ConfigDict, topology: str) -> Iterator[str]:
          f"model={mesh.shape['model']}, global batch {config.train.batch_size}")
   peak, step_flops = 0, 0
   for stage_config, teacher_config in stage_configs(config):
-    analytic = flops.train_step_flops(stage_config, with_teacher=teacher_config is not None)
+    analytic = flops.train_step_flops(stage_config, teacher_config)
     try:
       r = stage_report(lower_stage(stage_config, mesh, teacher_config).compile(),
                        num_devices)

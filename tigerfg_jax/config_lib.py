@@ -188,17 +188,26 @@ def _data_config(p: Preset) -> ml_collections.ConfigDict:
 
 
 def _train_config(steps: int, p: Preset) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  train = ml_collections.ConfigDict(dict(
       steps=steps,
       batch_size=p.batch_size,      # global batch, divisible by the 'data' mesh axis.
       learning_rate=p.learning_rate,
-      warmup_steps=max(1, steps // 20),
+      warmup_steps=0,               # the cadence keys are set by `set_steps`.
       weight_decay=0.05,
       grad_clip_norm=1.0,
-      log_every=max(1, steps // 30),
-      checkpoint_every=max(1, steps // 4),
+      log_every=0,
+      checkpoint_every=0,
       keep_checkpoints=2,
   ))
+  return set_steps(train, steps)
+
+
+def set_steps(train: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+  """`config.train` with `steps` and the keys that scale with it: warmup over the
+  first 5%, 30 log lines, 4 checkpoints. Returns `train`."""
+  train.update(steps=steps, warmup_steps=max(1, steps // 20), log_every=max(1, steps // 30),
+               checkpoint_every=max(1, steps // 4))
+  return train
 
 
 def _loss_config() -> ml_collections.ConfigDict:

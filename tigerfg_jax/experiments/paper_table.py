@@ -145,8 +145,7 @@ def row_config(row: Row, *, preset: str, seed: int, data_root: str,
   if teacher_dir is not None:
     config.teacher.checkpoint = teacher_dir
   base = steps if steps is not None else config_lib.PRESETS[preset].steps
-  config.train.steps = base * (2 if row.equal_compute else 1)
-  config.train.warmup_steps = max(1, config.train.steps // 20)
+  config_lib.set_steps(config.train, base * (2 if row.equal_compute else 1))
   return config
 
 

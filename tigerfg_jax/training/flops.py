@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from tigerfg_jax.models import text, vision
+from tigerfg_jax.training import step as step_lib
 
 # Dense bf16 peak of one device in TFLOP/s, by a substring of `jax.Device.device_kind`
 # (NVIDIA: SXM, no sparsity). `peak_tflops` tries the longest key first ("TPU v5 lite"
@@ -91,20 +92,22 @@ def _query_head(model: ml_collections.ConfigDict, patches: int) -> int:
   return pooled + 2 * width * model.embed_dim
 
 
-def _item_head(model: ml_collections.ConfigDict, patches: int) -> int:
-  """Text encoder, pooling, merge and projection of the item tower on one example."""
-  width = vision.decode_variant(model.vision_variant)["width"]
+def _title_pool(model: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(FLOPs, width) of the pooled title: the mean over its tokens and the projection."""
   size = text.decode_text_variant(model.text_variant)
+  total = 2 * model.max_title_len * size["width"] if model.text_pool == "mean" else 0
+  return (total + 2 * size["width"] * model.text_proj_dim,
+          model.text_proj_dim or size["width"])
+
+
+def _pooling(model: ml_collections.ConfigDict, patches: int) -> int:
+  """The item pooling, merge and projection on one example (title already encoded)."""
+  width = vision.decode_variant(model.vision_variant)["width"]
   length, slots, hidden = model.max_title_len, model.pooling_slots, model.pooling_mlp_dim
-  total = _encoder(length, size["width"], size["depth"], size["mlp_dim"])
   if model.mode == "clip_style":
-    pooled_width = model.text_proj_dim or size["width"]
-    total += 2 * length * size["width"]  # mean over the title's tokens.
-    total += 2 * size["width"] * model.text_proj_dim
-    total += _map_head(patches, width, hidden)
-    return total + 2 * (width + pooled_width) * model.embed_dim
-  # TextGuidedPooling (the pooled title and its projection are unused in 'tiger').
-  total += _attention(slots, length, width, size["width"])  # slots read the title.
+    return _map_head(patches, width, hidden) + 2 * (width + _title_pool(model)[1]) * model.embed_dim
+  text_width = text.decode_text_variant(model.text_variant)["width"]
+  total = _attention(slots, length, width, text_width)  # slots read the title.
   total += _attention(slots, patches, width, width)  # slots read the patches.
   total += _mlp(slots, width, hidden)
   total += 2 * slots * width * hidden + 2 * slots * hidden  # slot scores.
@@ -113,6 +116,20 @@ def _item_head(model: ml_collections.ConfigDict, patches: int) -> int:
   total += _attention(1, patches, width, width)  # f_a over the patches.
   total += _mlp(1, width, hidden)  # merge MLP.
   return total + 2 * width * model.embed_dim
+
+
+def _item_head(model: ml_collections.ConfigDict, patches: int, v2t: bool = False) -> int:
+  """Title encoder, pooling, merge and projection of the item tower on one example;
+  with `v2t` also the region and title projections of L_v2t (otherwise unused)."""
+  size = text.decode_text_variant(model.text_variant)
+  total = _encoder(model.max_title_len, size["width"], size["depth"], size["mlp_dim"])
+  title_pool, title_width = _title_pool(model)
+  if model.mode == "clip_style" or v2t:
+    total += title_pool  # 'tiger' reads the pooled title only for L_v2t.
+  if v2t:
+    width = vision.decode_variant(model.vision_variant)["width"]
+    total += 2 * (width + title_width) * model.embed_dim
+  return total + _pooling(model, patches)
 
 
 def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -128,16 +145,56 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
               logits=2 * batch * batch * model.embed_dim)
 
 
-def train_step_flops(config: ml_collections.ConfigDict, with_teacher: bool) -> int:
+def train_step_flops(config: ml_collections.ConfigDict,
+                     teacher_config: ml_collections.ConfigDict | None = None,
+                     patch_teacher: bool = False) -> int:
   """Matmul FLOPs of one update step of `config.stage` over the global batch.
+
+  Counts what the step's active loss terms run (`training.step`): the student with
+  its title-swap re-poolings and L_v2t heads, the similarities of q2i / v2t / i2v /
+  sdd, the hard-negative scores, the patch relations of L_SRD, and the frozen
+  teacher's passes (`step.teacher_views`). A similarity against a frozen side costs
+  2x its forward (no gradient for the frozen operand).
 
   Args:
     config: an experiment config (`config_lib.experiment_config`).
-    with_teacher: the step also runs the frozen teacher's forward (the `distill`
-      stage when `train.needs_teacher`); it has the student's `config.model`.
+    teacher_config: the teacher's config (its `model`) when the stage loads one.
+    patch_teacher: L_SRD reads a separate patch teacher (not counted: its size is
+      in its own folder), not the teacher's ViT.
   """
-  f = forward_flops(config)
-  total = 2 * f["patch_embed"] + 3 * (f["rest"] + f["logits"])
-  if with_teacher:
-    total += f["patch_embed"] + f["rest"] + f["logits"]
+  model, data, loss = config.model, config.data, config.loss
+  batch, embed, swaps = config.train.batch_size, model.embed_dim, loss.hard_negatives
+  terms = step_lib.active_terms(loss)
+  query_embed, query_vit, query_patches = _vit(model, data.query_image_size)
+  item_embed, item_vit, patches = _vit(model, data.item_image_size)
+  student = batch * (query_vit + _query_head(model, query_patches) + item_vit
+                     + _item_head(model, patches, v2t="v2t" in terms)
+                     + swaps * _pooling(model, patches))
+  logits, hard = 2 * batch * batch * embed, 2 * batch * swaps * embed
+  width = vision.decode_variant(model.vision_variant)["width"]
+  student += sum(logits for t in ("q2i", "v2t", "sdd") if t in terms)
+  student += hard if "q2i" in terms else 0
+  student += 2 * batch * patches * patches * width if "srd" in terms else 0
+  total = 2 * batch * (query_embed + item_embed) + 3 * student
+  total += 2 * (logits + hard) if "i2v" in terms else 0
+  if teacher_config is None or config.stage != "distill":
+    return total
+  t_model = teacher_config.model
+  t_query_embed, t_query_vit, _ = _vit(t_model, data.query_image_size)
+  t_item_embed, t_item_vit, _ = _vit(t_model, data.item_image_size)
+  t_item = t_item_embed + t_item_vit
+  views = step_lib.teacher_views(loss, patch_teacher)
+  if views["crop"]:
+    total += batch * (t_item + _item_head(t_model, patches))
+    if "sdd" in terms:
+      total += batch * (t_query_embed + t_query_vit + _query_head(t_model, query_patches))
+      total += logits
+  if views["full"]:
+    total += batch * t_item
+    if loss.spatial_target == "teacher" and "spatial_map" in terms:
+      # An upper bound: only the pooling's attention map is read.
+      total += batch * _item_head(t_model, patches)
+    if "srd" in terms:
+      t_width = vision.decode_variant(t_model.vision_variant)["width"]
+      total += 2 * batch * patches * patches * t_width
   return total

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from tigerfg_jax import losses
+from tigerfg_jax.models import patch_teacher as patch_teacher_lib
 from tigerfg_jax.models import towers
 
 
@@ -147,17 +148,17 @@ def total_loss(terms: dict[str, jax.Array],
 
 def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
                  loss_config: ml_collections.ConfigDict,
-                 patch_teacher: Callable[[Any, jax.Array], jax.Array] | None = None
-                 ) -> Callable[..., Any]:
+                 patch_grid: int | None = None) -> Callable[..., Any]:
   """`loss_fn(params, frozen, batch, rng) -> (loss, (terms, temperature))`.
 
   The `teacher` stage is privileged: its items are the ground-truth crops
-  (`target_image`). The student stages see the whole item image. `frozen` holds the
-  frozen parameters: `teacher` (of `teacher_model`) and `patch_teacher` (read by
-  `patch_teacher(params, item_images) -> [B, N, Dt]`), each only when used; only the
-  forward passes some active term reads run (`teacher_views`).
+  (`target_image`). The student stages see the whole item image. `frozen` holds what
+  stays frozen: `teacher` (the params of `teacher_model`) and, with `patch_grid` (the
+  student's patch grid side), `patch_teacher` (a `models.patch_teacher.PatchTeacher`,
+  L_SRD's reference); only the forward passes some active term reads run
+  (`teacher_views`).
   """
-  views = teacher_views(loss_config, patch_teacher is not None)
+  views = teacher_views(loss_config, patch_grid is not None)
   swap = loss_config.hard_negatives
 
   def loss_fn(params, frozen, batch, rng):
@@ -173,8 +174,9 @@ def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
     if teacher_model is not None and views["full"]:
       teacher["full"] = teacher_model.apply({"params": frozen["teacher"]}, batch,
                                             region_mask=region_mask(batch))
-    if patch_teacher is not None and "srd" in active_terms(loss_config):
-      teacher["patches"] = patch_teacher(frozen["patch_teacher"], batch["item_image"])
+    if patch_grid is not None and "srd" in active_terms(loss_config):
+      teacher["patches"] = patch_teacher_lib.patch_tokens(
+          frozen["patch_teacher"], batch["item_image"], patch_grid)
     teacher = jax.lax.stop_gradient(teacher)
     terms = loss_terms(student, teacher, batch, loss_config)
     return total_loss(terms, loss_config), (terms, student["temperature"])

@@ -28,6 +28,7 @@ from tigerfg_jax.data import device_augment
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.evaluation import evaluators
 from tigerfg_jax.models import factory
+from tigerfg_jax.models import patch_teacher as patch_teacher_lib
 from tigerfg_jax.models import towers
 from tigerfg_jax.training import flops
 from tigerfg_jax.training import metric_writer
@@ -193,7 +194,11 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       opt_state=optim.opt_state_shardings(optimizer, abstract_state.opt_state,
                                           param_shardings, repl))
   frozen_shardings = None if frozen is None else jax.tree.map(lambda a: a.sharding, frozen)
-  loss_fn = step_lib.make_loss_fn(model, teacher_model, config.stage, config.loss)
+  patch_grid = None
+  if frozen is not None and "patch_teacher" in frozen:
+    patch_grid = config.data.item_image_size // config.model.patch_size
+  loss_fn = step_lib.make_loss_fn(model, teacher_model, config.stage, config.loss,
+                                  patch_grid)
   batch_sharding = sharding.batch_sharding(mesh)
   augment = device_augment.augment_queries if config.data.device_augment else None
   update = jax.jit(step_lib.make_update_fn(loss_fn, optimizer, augment),
@@ -246,7 +251,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if teacher_dir is not None:
     teacher_model, teacher_params = workdir_lib.load_run(teacher_dir, mesh,
                                                          tokenizer.vocab_size)
-  frozen = None if teacher_params is None else {"teacher": teacher_params}
+  frozen = {} if teacher_params is None else {"teacher": teacher_params}
+  if config.stage == "distill" and config.teacher.patch_teacher:
+    frozen["patch_teacher"] = patch_teacher_lib.load_patch_teacher(
+        config.teacher.patch_teacher, sharding.replicated(mesh))
+  frozen = frozen or None
   trainer = make_trainer(config, mesh, tokenizer.vocab_size, teacher_model, frozen)
 
   # --- input pipeline and checkpoint restore ---
@@ -286,7 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writer.MetricWriter(workdir)
   timer = metric_writer.StepTimer(
       first, total, batch_size,
-      flops.train_step_flops(config, with_teacher=teacher_model is not None))
+      flops.train_step_flops(
+          config, None if teacher_dir is None else workdir_lib.load_config(teacher_dir),
+          patch_teacher=bool(config.teacher.patch_teacher)))
   final_results: dict[str, Any] = {}
   prefetcher = prefetch.DevicePrefetcher(
       train_iter, lambda host: sharding.global_batch(host, trainer.batch_sharding))
