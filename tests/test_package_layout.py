@@ -29,7 +29,7 @@ ALLOWED = {
     "serving": {"cli", "data", "evaluation", "index", "models", "sharding", "workdir"},
     "training": {"config_lib", "data", "evaluation", "losses", "models", "sharding",
                  "workdir"},
-    "experiments": {"cli", "config_lib", "data", "training", "workdir"},
+    "experiments": {"cli", "config_lib", "data", "evaluation", "training", "workdir"},
     "main": {"cli", "training"},
     "aot_check": {"cli", "config_lib", "models", "sharding", "training", "workdir"},
 }

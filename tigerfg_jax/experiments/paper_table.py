@@ -51,12 +51,15 @@ from absl import flags
 from tigerfg_jax import cli
 from tigerfg_jax import config_lib
 from tigerfg_jax.data import synthetic
+from tigerfg_jax.evaluation import box_oracle
 from tigerfg_jax.training import trainer
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 TABLE_SPLITS = ("eval_normal", "eval_cluttered")
 TABLE_METRICS = ("R@1", "R@5", "R@10")
+# The box oracle's column: each item pooled only from its true box (same checkpoint).
+BOX_ORACLE_SPLIT = "eval_cluttered"
 BASELINE = "clip_style"
 CATALOG_DIRS = {"default": "data", "one_to_many": "data_one_to_many"}
 _RUN_RECORD = "paper_table_run.json"
@@ -146,6 +149,8 @@ def row_config(row: Row, *, preset: str, seed: int, data_root: str,
     config.teacher.checkpoint = teacher_dir
   base = steps if steps is not None else config_lib.PRESETS[preset].steps
   config_lib.set_steps(config.train, base * (2 if row.equal_compute else 1))
+  # The same features pooled from the true box, beside the deployed numbers.
+  config.evals.box_oracle.at_end = config.model.mode == "tiger"
   return config
 
 
@@ -181,6 +186,15 @@ def run_dir(workdir: str, row: Row, seed: int) -> str:
 def read_results(directory: str) -> dict[str, dict[str, Any]] | None:
   """A finished run's `{split: metrics}`, or None while it has no eval/results.json."""
   path = os.path.join(directory, "eval", "results.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def read_box_oracle(directory: str) -> dict[str, dict[str, Any]] | None:
+  """A finished run's `{split: {'deployed', 'box'}}` (evals.box_oracle), or None."""
+  path = os.path.join(directory, "eval", box_oracle.RESULTS_FILE)
   if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
@@ -229,7 +243,8 @@ def format_report(report: dict[str, Any], json_name: str) -> str:
   """The Markdown page: the table, the deltas vs clip_style and how it was made."""
   entries = [entry for entry in report["rows"] if entry["in_table"]]
   split_names = {"eval_normal": "normal", "eval_cluttered": "cluttered"}
-  header = ["row", "n"] + [f"{split_names[s]} {m}" for s in TABLE_SPLITS for m in TABLE_METRICS]
+  header = (["row", "n"] + [f"{split_names[s]} {m}" for s in TABLE_SPLITS for m in TABLE_METRICS]
+            + [f"{BOX_ORACLE_SPLIT.removeprefix('eval_')} R@1, true box"])
   lines = [
       "# TIGER-FG ablation on the synthetic benchmark",
       "",
@@ -240,7 +255,9 @@ def format_report(report: dict[str, Any], json_name: str) -> str:
       + (f", {report['steps']} training steps per teacher / student run (rows without "
          "a teacher: twice as many)" if report["steps"] else "")
       + ". Each row adds one piece to the row above it. `normal`: one product per item "
-      "image; `cluttered`: the titled product among distractors on a busy background.",
+      "image; `cluttered`: the titled product among distractors on a busy background. "
+      "`true box`: the same checkpoint with each item pooled only from its ground-truth "
+      "box (`evaluation.box_oracle`): what perfect grounding would give its features.",
       "",
       "| " + " | ".join(header) + " |",
       "|" + "---|" * len(header),
@@ -248,6 +265,9 @@ def format_report(report: dict[str, Any], json_name: str) -> str:
   for entry in entries:
     cells = [entry["label"], str(len(entry["runs"]))]
     cells += [format_cell(_row_values(entry, s, m)) for s in TABLE_SPLITS for m in TABLE_METRICS]
+    oracle = [run["box_oracle"][BOX_ORACLE_SPLIT]["box"]["R@1"]
+              for run in entry["runs"].values() if run.get("box_oracle")]
+    cells.append(format_cell(oracle) if oracle else "–")
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
   by_key = {entry["key"]: entry for entry in entries}
@@ -369,6 +389,7 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
       shown = ", ".join(f"{s} R@1={results[s]['R@1']:.2f}" for s in TABLE_SPLITS)
       print(f"{prefix}: {shown}", flush=True)
       entries[row.key]["runs"][str(seed)] = {"workdir": directory, "results": results,
+                                             "box_oracle": read_box_oracle(directory),
                                              "wall_s": _read_wall_time(directory)}
 
   run_walls = [run["wall_s"] for entry in entries.values() for run in entry["runs"].values()
