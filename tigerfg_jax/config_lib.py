@@ -57,6 +57,7 @@ import ml_collections
 
 from tigerfg_jax import index
 from tigerfg_jax import losses
+from tigerfg_jax import runpath
 from tigerfg_jax.models import partitioning
 from tigerfg_jax.models import towers
 
@@ -366,10 +367,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "(from the cores) or >= 0")
   if not 0 <= config.data.mosaic_prob <= 1:
     problems.append(f"config.data.mosaic_prob={config.data.mosaic_prob}: expected [0, 1]")
-  if config.data.root and not os.path.isdir(config.data.root):
+  if runpath.is_url(config.data.root):
+    problems.append(f"config.data.root={config.data.root!r}: dataset folders are local "
+                    "(copy or mount it; only run folders may be gs:// URLs)")
+  elif config.data.root and not os.path.isdir(config.data.root):
     problems.append(f"config.data.root={config.data.root!r}: no such directory")
   teacher = config.teacher.checkpoint
-  if teacher and not any(os.path.exists(os.path.join(teacher, name))
+  if teacher and not any(runpath.exists(teacher, name, what="config.teacher.checkpoint")
                          for name in ("checkpoints", "init_params")):
     problems.append(f"config.teacher.checkpoint={teacher!r}: expected the workdir of a "
                     "teacher run (with checkpoints/ or init_params/, and config.json)")
