@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 
-import fsspec
 import numpy as np
 import pytest
 from etils.epath import backend as epath_backend

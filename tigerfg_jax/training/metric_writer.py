@@ -1,8 +1,9 @@
 """Where measurements go: `metrics.jsonl`, TensorBoard event files and the console.
 
-Only process 0 writes. A gs:// workdir gets the same files through `tigerfg_jax.runpath`
-(metrics.jsonl rewritten whole at each write, event files at each flush). `StepTimer` reports examples/s and an ETA, ignoring the first
-measured interval so that compilation does not count.
+Only process 0 writes. A gs:// workdir gets the same files through
+`tigerfg_jax.runpath` (metrics.jsonl rewritten whole at each write, event files at each
+flush). `StepTimer` reports examples/s and an ETA, ignoring the first measured interval
+so that compilation does not count.
 """
 
 from __future__ import annotations
