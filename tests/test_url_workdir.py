@@ -23,6 +23,8 @@ from tests import train_helpers
 from tigerfg_jax import runpath
 from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data.tokenizer import build_tokenizer
+from tigerfg_jax.serving import artifact
+from tigerfg_jax.serving import export
 from tigerfg_jax.training import metric_writer
 from tigerfg_jax.training import trainer
 
@@ -175,3 +177,18 @@ def test_append_lines_on_a_url_keeps_what_was_there(fake_gcs):
   runpath.append_lines(file, ["a\n"])
   runpath.append_lines(file, ["b\n", "c\n"])
   assert (fake_gcs / "bucket" / "run" / "log.jsonl").read_text() == "a\nb\nc\n"
+
+
+def test_an_export_to_gs_lands_whole_and_loads(fake_gcs, micro_run, tmp_path):
+  workdir, _ = micro_run
+  manifest = export.export_run(workdir, "gs://bucket/exports/one", split="eval_cluttered",
+                               platforms=("cpu",))
+  landed = fake_gcs / "bucket" / "exports" / "one"
+  assert manifest["files"] and all((landed / name).stat().st_size == entry["size"]
+                                   for name, entry in manifest["files"].items())
+  assert json.loads((landed / artifact.MANIFEST).read_text()) == manifest
+  assert os.listdir(landed.parent) == ["one"]  # nothing partial beside it.
+  served = artifact.load(str(landed))  # every file's hash checked against the manifest.
+  assert served.index.num_items == manifest["source"]["num_items"]
+  with pytest.raises(FileExistsError, match="gs://bucket/exports/one already exists"):
+    export.export_run(workdir, "gs://bucket/exports/one", platforms=("cpu",))
