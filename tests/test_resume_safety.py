@@ -79,10 +79,3 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   path.write_text("not a folder")
   with pytest.raises(NotADirectoryError, match="is a file, not a run folder"):
     trainer.train_and_evaluate(train_helpers.micro_config(), str(path))
-
-
-def test_a_url_workdir_is_refused_before_anything_is_created(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(ValueError, match="run folders are local paths"):
-    trainer.train_and_evaluate(train_helpers.micro_config(), "gs://bucket/run")
-  assert not os.listdir(tmp_path)

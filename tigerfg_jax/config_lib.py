@@ -57,6 +57,7 @@ import ml_collections
 
 from tigerfg_jax import index
 from tigerfg_jax import losses
+from tigerfg_jax import runpath
 from tigerfg_jax.models import partitioning
 from tigerfg_jax.models import towers
 
@@ -405,7 +406,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.mosaic_max_products < 2:
     problems.append(f"config.data.mosaic_max_products={config.data.mosaic_max_products}: "
                     "expected >= 2 (a target and at least one distractor)")
-  if config.data.root and not os.path.isdir(config.data.root):
+  if runpath.is_url(config.data.root):
+    problems.append(f"config.data.root={config.data.root!r}: dataset folders are local "
+                    "(copy or mount it; only run folders may be gs:// URLs)")
+  elif config.data.root and not os.path.isdir(config.data.root):
     problems.append(f"config.data.root={config.data.root!r}: no such directory")
   if config.teacher.init_student and (config.teacher.vision_variant
                                       or config.teacher.text_variant):
@@ -418,7 +422,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "(expected a folder written by `python -m tigerfg_jax.convert "
                     "--format=dinov2`)")
   teacher = config.teacher.checkpoint
-  if teacher and not any(os.path.exists(os.path.join(teacher, name))
+  if teacher and not any(runpath.exists(teacher, name, what="config.teacher.checkpoint")
                          for name in ("checkpoints", "init_params")):
     problems.append(f"config.teacher.checkpoint={teacher!r}: expected the workdir of a "
                     "teacher run (with checkpoints/ or init_params/, and config.json)")

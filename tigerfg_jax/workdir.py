@@ -11,6 +11,9 @@
     data/              the synthetic catalog, when the run has no `data.root`
     teacher/           the distill stage's own teacher run, when it trains one
 
+WORKDIR may be a gs:// URL (`tigerfg_jax.runpath`): every file here goes through
+`etils.epath`; `data/` (the synthetic catalog) then needs a local `data.root`.
+
 A checkpoint restores exactly: its state into the shardings the config gives, and the
 iterator state, so a restored run continues with the batches it would have seen. A
 checkpoint of another shape is refused naming every mismatching array.
@@ -19,7 +22,6 @@ checkpoint of another shape is refused naming every mismatching array.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -27,6 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from tigerfg_jax import config_lib
+from tigerfg_jax import runpath
 from tigerfg_jax import sharding
 from tigerfg_jax.data import catalog_root
 from tigerfg_jax.data import pipeline
@@ -57,8 +60,7 @@ class ResumeRefusedError(ValueError):
 # ----------------------------------------------------------------------- config ---
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  runpath.path(workdir, CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
 
 # Keys added after runs were saved, and the value that reproduces what such a run did
@@ -104,11 +106,10 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """A run's saved config. Keys added to the project since it was saved take the value
   that reproduces the saved run (`_SAVED_BEFORE`), others their defaults."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = runpath.path(workdir, CONFIG_FILE)
+  if not runpath.exists(workdir, CONFIG_FILE):
     raise FileNotFoundError(f"{path}: no saved config; is {workdir} a tigerfg_jax workdir?")
-  with open(path) as f:
-    saved = _upgrade(json.load(f))
+  saved = _upgrade(json.loads(path.read_text()))
   config = config_lib.experiment_config(saved["stage"], saved["preset"])
   config.update(saved)
   return config
@@ -116,12 +117,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # -------------------------------------------------------------- data, tokenizer ---
 
-def check_workdir(workdir: str) -> None:
-  """Raises a clear error when `workdir` cannot be a run folder."""
-  if "://" in workdir:
-    raise ValueError(f"--workdir={workdir}: run folders are local paths (a bucket works "
-                     "mounted, e.g. with gcsfuse: --workdir=/mnt/bucket/run)")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises a clear error when `workdir` cannot be a run folder.
+
+  A URL workdir is created and probed (`runpath.check_writable`), and needs a local
+  `data.root` (the synthetic catalog and the ArrayRecord cache are local folders).
+  """
+  if runpath.is_url(workdir):
+    runpath.check_scheme(workdir, "--workdir")
+    if not config.data.root:
+      raise ValueError(f"--workdir={workdir}: a URL workdir needs a local dataset folder; "
+                       "write the synthetic catalog with `python -m tigerfg_jax.data.synthetic "
+                       "--out=DIR` and pass --config.data.root=DIR")
+    runpath.check_writable(workdir, "--workdir")
+    return
+  if runpath.path(workdir).exists() and not runpath.path(workdir).is_dir():
     raise NotADirectoryError(f"--workdir={workdir} is a file, not a run folder; "
                              "choose another path")
 
@@ -136,8 +146,8 @@ def resume_changes(config: ml_collections.ConfigDict,
   Raises:
     ResumeRefusedError: one line per refused key with the run's and this value.
   """
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  if not os.path.isdir(directory) or checkpoint_manager(workdir).latest_step() is None:
+  if (not runpath.path(workdir, CHECKPOINTS_DIR).is_dir()
+      or checkpoint_manager(workdir).latest_step() is None):
     return {}
   changes = config_lib.changed_keys(load_config(workdir), config)
   refused = {k: v for k, v in changes.items() if not config_lib.is_resumable_change(k)}
@@ -160,20 +170,20 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str,
   """
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
+  runpath.path(workdir).mkdir(parents=True, exist_ok=True)
   save_config(config, workdir)
-  if not os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
-    tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
+  if not runpath.path(workdir, TOKENIZER_FILE).exists():
+    tokenizer.save(runpath.path(workdir, TOKENIZER_FILE))
   if changes:
-    with open(os.path.join(workdir, CONFIG_CHANGES_FILE), "a") as f:
-      for key, (old, new) in changes.items():
-        f.write(json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n")
+    runpath.append_lines(runpath.path(workdir, CONFIG_CHANGES_FILE), [
+        json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n"
+        for key, (old, new) in changes.items()])
 
 
 def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The run's dataset root: `data.root`, or its synthetic catalog in WORKDIR/data."""
   if not config.data.root:
-    os.makedirs(workdir, exist_ok=True)
+    runpath.path(workdir).mkdir(parents=True, exist_ok=True)
   return catalog_root(config.data, workdir)
 
 
@@ -202,7 +212,7 @@ def load_splits(config: ml_collections.ConfigDict, root: str) -> dict[str, pipel
 
 
 def load_tokenizer(workdir: str) -> TitleTokenizer:
-  return TitleTokenizer.load(os.path.join(workdir, TOKENIZER_FILE))
+  return TitleTokenizer.load(runpath.path(workdir, TOKENIZER_FILE))
 
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: str,
@@ -215,7 +225,7 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   """
   if teacher_dir is not None:
     return load_tokenizer(teacher_dir)
-  if os.path.exists(os.path.join(workdir, TOKENIZER_FILE)):
+  if runpath.path(workdir, TOKENIZER_FILE).exists():
     return load_tokenizer(workdir)
   return build_tokenizer(config.data, train_titles)
 
@@ -225,7 +235,7 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 def checkpoint_manager(workdir: str, keep: int = 1) -> ocp.CheckpointManager:
   """The Orbax manager of WORKDIR/checkpoints (created if missing; async saves)."""
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIR)),
+      runpath.absolute(workdir, CHECKPOINTS_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -281,17 +291,17 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int,
 def save_init_params(workdir: str, params: Any) -> None:
   """Writes WORKDIR/init_params: the params a run on WORKDIR starts from at step 0."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(os.path.join(workdir, INIT_PARAMS_DIR)), params)
+  checkpointer.save(runpath.absolute(workdir, INIT_PARAMS_DIR), params)
   checkpointer.wait_until_finished()
 
 
 def has_init_params(workdir: str) -> bool:
-  return os.path.isdir(os.path.join(workdir, INIT_PARAMS_DIR))
+  return runpath.path(workdir, INIT_PARAMS_DIR).is_dir()
 
 
 def restore_init_params(workdir: str, abstract_params: Any) -> Any:
   """WORKDIR/init_params into the shardings of `abstract_params` (shapes checked)."""
-  directory = os.path.abspath(os.path.join(workdir, INIT_PARAMS_DIR))
+  directory = runpath.absolute(workdir, INIT_PARAMS_DIR)
   checkpointer = ocp.StandardCheckpointer()
   check_shapes(checkpointer.metadata(directory).item_metadata.tree, abstract_params,
                directory)
@@ -303,15 +313,15 @@ def latest_params(workdir: str, abstract_params: Any) -> Any:
 
   Reads only the `params` subtree: the optimizer state stays on disk.
   """
-  directory = os.path.join(workdir, CHECKPOINTS_DIR)
-  step = checkpoint_manager(workdir).latest_step() if os.path.isdir(directory) else None
+  directory = runpath.path(workdir, CHECKPOINTS_DIR)
+  step = checkpoint_manager(workdir).latest_step() if directory.is_dir() else None
   if step is None:
     if has_init_params(workdir):
       return restore_init_params(workdir, abstract_params)
     raise FileNotFoundError(f"no checkpoint under {directory}")
   stored = checkpoint_manager(workdir).item_metadata(step)["state"].tree["params"]
   check_shapes(stored, abstract_params, f"{directory}/{step} (params)")
-  state_dir = os.path.join(os.path.abspath(directory), str(step), "state")
+  state_dir = runpath.absolute(workdir, CHECKPOINTS_DIR, str(step), "state")
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
                               abstract_params)
   return ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(

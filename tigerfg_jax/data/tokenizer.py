@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import tokenizers
+from etils import epath
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 FILE_NAME = "tokenizer.json"  # a saved tokenizer's name in run and export folders.
@@ -64,11 +65,10 @@ class TitleTokenizer:
     return cls(tokenizer)
 
   @classmethod
-  def load(cls, path: str) -> TitleTokenizer:
+  def load(cls, path: epath.PathLike) -> TitleTokenizer:
     """From a tokenizer.json (as `save` writes) or a one-token-per-line vocab file."""
     try:
-      with open(path, encoding="utf-8") as f:
-        text = f.read()
+      text = epath.Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
       raise ValueError(f"{path}: cannot read the tokenizer file as UTF-8 text: {e}") from e
     try:
@@ -91,8 +91,9 @@ class TitleTokenizer:
     tokenizer.decoder = decoders.WordPiece()
     return cls(tokenizer, path)
 
-  def save(self, path: str) -> None:
-    self.tokenizer.save(path)
+  def save(self, path: epath.PathLike) -> None:
+    """Writes tokenizer.json (a local path or a gs:// URL)."""
+    epath.Path(path).write_text(self.tokenizer.to_str(pretty=True), encoding="utf-8")
 
   @property
   def vocab_size(self) -> int:

@@ -16,7 +16,6 @@ training too and writes `eval/box_oracle.json` at the end.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from tigerfg_jax import cli
+from tigerfg_jax import runpath
 
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
@@ -71,7 +71,7 @@ class BoxOracleEvaluator:
                mesh: jax.sharding.Mesh, workdir: str):
     _check_mode(config)
     self.config, self.tokenizer, self.splits = config, tokenizer, splits
-    self.out_path = os.path.join(workdir, workdir_lib.EVAL_DIR, RESULTS_FILE)
+    self.out_path = runpath.path(workdir, workdir_lib.EVAL_DIR, RESULTS_FILE)
     self.embed_query, self.embed_item = encoders.make_embed_fns(model, mesh)
     self.place = encoders.mesh_placer(mesh)
 
@@ -100,9 +100,8 @@ class BoxOracleEvaluator:
   def run(self, params: Any, *, final: bool) -> dict[str, dict[str, dict]]:
     results = {name: self.split_recalls(params, split) for name, split in self.splits.items()}
     if final and jax.process_index() == 0:
-      os.makedirs(os.path.dirname(self.out_path), exist_ok=True)
-      with open(self.out_path, "w") as f:
-        json.dump(results, f, indent=2)
+      self.out_path.parent.mkdir(parents=True, exist_ok=True)
+      self.out_path.write_text(json.dumps(results, indent=2))
     return results
 
   @staticmethod

@@ -1,7 +1,7 @@
 """The retrieval evaluator: embed every eval split's catalog and queries, search, score.
 
 Each split folder whose name starts with `eval` is its own benchmark with its own
-catalog. The final evaluation writes `WORKDIR/eval/results.json`, the embeddings of
+catalog. The final evaluation writes `WORKDIR/eval/results.json` (a local folder or a gs:// URL, `tigerfg_jax.runpath`), the embeddings of
 each split (`<split>_{item,query}_emb.npy`, rows in split order) and a console table;
 a periodic one (`config.evals.retrieval.every`) only returns its metrics for the log.
 """
@@ -9,7 +9,6 @@ a periodic one (`config.evals.retrieval.every`) only returns its metrics for the
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -17,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from tigerfg_jax import index
+from tigerfg_jax import runpath
 from tigerfg_jax.data import pipeline
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.evaluation import embedding, encoders, retrieval_metrics
@@ -75,7 +75,7 @@ class RetrievalEvaluator:
                tokenizer: TitleTokenizer, splits: dict[str, pipeline.Split],
                mesh: jax.sharding.Mesh, workdir: str):
     self.config, self.tokenizer, self.splits = config, tokenizer, splits
-    self.out_dir = os.path.join(workdir, "eval")
+    self.out_dir = runpath.path(workdir, "eval")
     self.workdir = workdir
     self.embed_query, self.embed_item = encoders.make_embed_fns(model, mesh)
     self.place = encoders.mesh_placer(mesh)
@@ -88,12 +88,12 @@ class RetrievalEvaluator:
                                         self.tokenizer, self.config, self.place)
       results[name] = score(item_emb, query_emb, split, self.config.eval)
       if final and jax.process_index() == 0:
-        os.makedirs(self.out_dir, exist_ok=True)
-        np.save(os.path.join(self.out_dir, f"{name}_item_emb.npy"), item_emb)
-        np.save(os.path.join(self.out_dir, f"{name}_query_emb.npy"), query_emb)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for kind, emb in (("item", item_emb), ("query", query_emb)):
+          with (self.out_dir / f"{name}_{kind}_emb.npy").open("wb") as f:
+            np.save(f, emb)
     if final and jax.process_index() == 0:
-      with open(os.path.join(self.out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+      (self.out_dir / "results.json").write_text(json.dumps(results, indent=2))
       print(f"Retrieval results ({self.workdir}):\n{format_table(results)}", flush=True)
     return results
 

@@ -15,6 +15,9 @@ DIR/data for the synthetic catalog; --data_root overrides). Every eval split is 
 catalog; the default is `eval_cluttered`, the setting TIGER-FG is
 built for (the titled product among distractors). Its embeddings come from the
 evaluator's own functions, so they equal DIR/eval/<split>_item_emb.npy. Single-process.
+
+DIR and EXPORT may be gs:// URLs (`tigerfg_jax.runpath`; the catalog's dataset is
+local): a URL EXPORT is assembled in a local temporary folder, then copied there.
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import flags
+from etils import epath
 from jax import export as jax_export
 
 from tigerfg_jax import cli
 from tigerfg_jax import index as index_lib
+from tigerfg_jax import runpath
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import folder, pipeline
@@ -121,10 +127,12 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
   """Writes the export of the run in `workdir` to `out` (which must not exist).
 
   The export is assembled in a hidden folder beside `out` and renamed into place, so
-  `out` never holds a partial export. Returns the manifest.
+  `out` never holds a partial export; a URL `out` is assembled in a local temporary
+  folder and copied there at the end. Returns the manifest.
   """
-  if os.path.exists(out):
+  if runpath.exists(out, what="--out"):
     raise FileExistsError(f"--out={out} already exists; choose a new folder or delete it")
+  runpath.check_writable(out, "--out")
   config = workdir_lib.load_config(workdir)
   catalog = load_catalog_split(config, workdir, split, data_root)
   tokenizer = workdir_lib.load_tokenizer(workdir)
@@ -134,6 +142,12 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
   item_emb = catalog_embeddings(model, params, tokenizer, catalog, config, mesh)
   encoders = export_encoders(model, params, config, platforms)
 
+  if runpath.is_url(out):
+    with tempfile.TemporaryDirectory() as local:
+      manifest = export_run(workdir, os.path.join(local, "export"), split=split,
+                            data_root=data_root, platforms=platforms)
+      _copy_tree(os.path.join(local, "export"), runpath.path(out))
+    return manifest
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{os.getpid()}")
@@ -143,7 +157,8 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
       with open(os.path.join(tmp, name), "wb") as f:
         f.write(encoder.serialize())
     for name in (workdir_lib.TOKENIZER_FILE, workdir_lib.CONFIG_FILE):
-      shutil.copyfile(os.path.join(workdir, name), os.path.join(tmp, name))
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(runpath.path(workdir, name).read_bytes())
     with open(os.path.join(tmp, artifact.PREPROCESSING), "w", encoding="utf-8") as f:
       json.dump({
           "query_image_size": config.data.query_image_size,
@@ -160,7 +175,7 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
         os.path.join(tmp, artifact.INDEX_DIR))
     manifest = artifact.write_manifest(tmp, {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "source": {"workdir": os.path.abspath(workdir), "checkpoint_step": step,
+        "source": {"workdir": str(runpath.absolute(workdir)), "checkpoint_step": step,
                    "catalog_split": split, "num_items": catalog.num_items},
         "versions": _versions(),
         "encoders": {"platforms": list(platforms),
@@ -172,6 +187,16 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
+
+
+def _copy_tree(local: str, target: epath.Path) -> None:
+  """Copies the local folder `local` into the epath folder `target`, file by file."""
+  for parent, _, names in os.walk(local):
+    folder = target / os.path.relpath(parent, local)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+      with open(os.path.join(parent, name), "rb") as f:
+        (folder / name).write_bytes(f.read())
 
 
 def define_flags() -> None:

@@ -1,21 +1,25 @@
 """Where measurements go: `metrics.jsonl`, TensorBoard event files and the console.
 
-Only process 0 writes. `StepTimer` reports examples/s and an ETA, ignoring the first
-measured interval so that compilation does not count.
+Only process 0 writes. A gs:// workdir gets the same files through
+`tigerfg_jax.runpath` (metrics.jsonl rewritten whole at each write, event files at each
+flush). `StepTimer` reports examples/s and an ETA, ignoring the first measured interval
+so that compilation does not count.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from typing import Any
 
 import jax
 from absl import logging
+from etils import epath
 from tensorboardX import SummaryWriter
+from tensorboardX import record_writer
 
+from tigerfg_jax import runpath
 from tigerfg_jax.training import flops
 
 
@@ -25,16 +29,15 @@ class MetricWriter:
   def __init__(self, workdir: str):
     self._enabled = jax.process_index() == 0
     if self._enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      runpath.path(workdir).mkdir(parents=True, exist_ok=True)
+      self._jsonl = runpath.path(workdir, "metrics.jsonl")
+      self._tb = SummaryWriter(str(runpath.path(workdir, "tensorboard")))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self._enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    runpath.append_lines(self._jsonl, [json.dumps(row) + "\n"])
     for name, value in row.items():
       if name != "step":  # TensorBoard tags allow [\w./-] only ('R@1' -> 'R_1').
         self._tb.add_scalar(re.sub(r"[^\w./-]", "_", name), value, global_step=step)
@@ -42,8 +45,39 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._enabled:
-      self._jsonl.close()
       self._tb.close()
+
+
+class _WholeFileWriter:
+  """A TensorBoard event file on a URL: buffered, the whole file written at each flush."""
+
+  def __init__(self, file: str):
+    self._file = epath.Path(file)
+    self._buffer = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._buffer += data
+
+  def flush(self) -> None:
+    self._file.write_bytes(bytes(self._buffer))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathWriterFactory:
+  """tensorboardX's hook for a URL prefix: event files written through epath (in place
+  of tensorboardX's own gs:// writer, which needs google-cloud-storage)."""
+
+  def open(self, file: str) -> _WholeFileWriter:
+    return _WholeFileWriter(file)
+
+  def directory_check(self, folder: str) -> None:
+    epath.Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+for _scheme in runpath.URL_SCHEMES:
+  record_writer.register_writer_factory(_scheme, _EpathWriterFactory())
 
 
 class StepTimer:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from tigerfg_jax import config_lib
+from tigerfg_jax import runpath
 from tigerfg_jax import sharding
 from tigerfg_jax import workdir as workdir_lib
 from tigerfg_jax.data import device_augment
@@ -128,9 +128,9 @@ def resolve_teacher(config: ml_collections.ConfigDict, workdir: str, data_root: 
   """A teacher workdir: the configured one, or WORKDIR/teacher trained now."""
   if config.teacher.checkpoint:
     return config.teacher.checkpoint
-  teacher_dir = os.path.join(workdir, "teacher")
+  teacher_dir = str(runpath.path(workdir, "teacher"))
   wanted = teacher_stage_config(config, data_root)
-  if os.path.exists(os.path.join(teacher_dir, workdir_lib.EVAL_DIR, workdir_lib.RESULTS_FILE)):
+  if runpath.path(teacher_dir, workdir_lib.EVAL_DIR, workdir_lib.RESULTS_FILE).exists():
     check_teacher_matches(wanted, teacher_dir)
     return teacher_dir
   logging.info("No teacher.checkpoint: training the teacher stage in %s", teacher_dir)
@@ -238,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(
         f"config.train.batch_size={batch_size} must be divisible by the 'data' mesh "
         f"axis ({mesh.shape['data']} devices) and the {jax.process_count()} processes")
-  workdir_lib.check_workdir(workdir)
+  workdir_lib.check_workdir(workdir, config)
   changes = workdir_lib.resume_changes(config, workdir)
 
   # --- data and tokenizer ---
