@@ -80,7 +80,8 @@ def test_each_row_adds_one_piece(tmp_path):
   base = configs["clip_style"]
   assert (base.stage, base.model.mode, base.data.mosaic_prob) == ("clip_style", "clip_style", 0)
   assert step_lib.active_terms(base.loss) == ("q2i",) and base.loss.hard_negatives == 0
-  assert changed("clip_style", "text_guided") == {"stage", "model.mode"}
+  assert changed("clip_style", "text_guided") == {"stage", "model.mode",
+                                                 "evals.box_oracle.at_end"}
   assert changed("text_guided", "mosaic") == {"data.mosaic_prob"}
   assert configs["mosaic"].data.mosaic_prob == default_mosaic
   assert changed("mosaic", "title_swap") == {"loss.hard_negatives"}
