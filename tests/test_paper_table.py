@@ -98,9 +98,10 @@ def test_each_row_adds_one_piece(tmp_path):
   for key in ("v2t_i2v", "sdd", "srd", "spatial_map"):
     assert configs[key].teacher.init_student
   assert step_lib.active_terms(configs["spatial_map"].loss) == step_lib.LOSS_TERMS
-  # The full row is configs/distill.py as it stands, plus seed, steps, data and teacher.
+  # The full row is configs/distill.py as it stands, plus seed, steps, data, teacher and
+  # the box oracle.
   distill = paper_table.load_config_file(os.path.join(REPO, "configs", "distill.py"), "micro")
-  distill.seed = 7
+  distill.seed, distill.evals.box_oracle.at_end = 7, True
   config_lib.set_steps(distill.train, 3)
   distill.data.root, distill.teacher.checkpoint = str(data), str(teacher)
   assert _flat(distill) == _flat(configs["spatial_map"])
