@@ -75,6 +75,21 @@ def _pil_crop(split, row, box, width, height):
   return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR, box=region))
 
 
+def _context(split, row, box):
+  """Independent reference of the teacher's crop region: the square of side 1.2 x the
+  box's longer side (in the file's pixels) about its centre, moved inside the image."""
+  width, height = (float(v) for v in split.item_sizes[row])
+  x0, y0, x1, y1 = np.asarray(box, np.float64) * [width, height, width, height]
+  side = 1.2 * max(x1 - x0, y1 - y0)
+  region = []
+  for lo, hi, extent in ((x0, x1, width), (y0, y1, height)):
+    length = min(side, extent)
+    start = np.clip((lo + hi) / 2 - length / 2, 0, extent - length)
+    region.append((start / extent, (start + length) / extent))
+  (left, right), (top, bottom) = region
+  return np.asarray([left, top, right, bottom])
+
+
 def _query_box(split, row):
   """The normalised box of the query whose only positive is item `row`."""
   query = split.query_positives.index([row])
@@ -158,8 +173,9 @@ def test_originals_use_the_item_image_and_query_box(split, tokenizer):
     np.testing.assert_array_equal(batch["item_image"][e], expected)
     box = _query_box(split, row)
     np.testing.assert_allclose(batch["box"][e], box)
-    # The teacher's input is the box region of the stored image, resized to Si.
-    np.testing.assert_array_equal(batch["target_image"][e], _pil_crop(split, row, box, SIZE, SIZE))
+    # The teacher's input: the square context of the box in the stored image, resized.
+    np.testing.assert_array_equal(batch["target_image"][e],
+                                  _pil_crop(split, row, _context(split, row, box), SIZE, SIZE))
     np.testing.assert_allclose(batch["spatial_target"][e],
                                spatial.patch_target(box, SIZE // PATCH), atol=1e-6)
 
@@ -198,8 +214,9 @@ def test_mosaic_pastes_each_product_at_its_box(split, tokenizer):
         assert visible.any()
         np.testing.assert_array_equal(batch["item_image"][e][y0:y1, x0:x1][visible],
                                       expected[visible])
-        np.testing.assert_array_equal(batch["target_image"][e],
-                                      _pil_crop(split, row, box, SIZE, SIZE))
+        np.testing.assert_array_equal(
+            batch["target_image"][e],
+            _pil_crop(split, row, _context(split, row, _query_box(split, row)), SIZE, SIZE))
         np.testing.assert_allclose(batch["spatial_target"][e],
                                    spatial.patch_target(batch["box"][e], grid), atol=1e-6)
     for e in set(range(BATCH)) - on_canvas:
@@ -355,3 +372,15 @@ def test_split_stored_at_another_size_is_refused(root, tmp_path, tokenizer):
   with pytest.raises(ValueError, match="stores images at 16 px"):
     pipeline.eval_item_batches(sized, tokenizer, _data_config(), batch_size=4,
                                max_title_len=MAX_LEN)
+
+
+def test_context_box_closed_forms():
+  # 200 x 100 image; a 20 x 10 px box centred at (100, 50): a 24 px square about it.
+  np.testing.assert_allclose(augment.context_box([0.45, 0.45, 0.55, 0.55], 200, 100),
+                             [88 / 200, 38 / 100, 112 / 200, 62 / 100], atol=1e-6)
+  # At the left edge the square moves right, keeping its side.
+  np.testing.assert_allclose(augment.context_box([0.0, 0.4, 0.1, 0.6], 200, 100),
+                             [0.0, 0.38, 24 / 200, 0.62], atol=1e-6)
+  # Larger than the image along y: clipped to the whole height.
+  np.testing.assert_allclose(augment.context_box([0.2, 0.1, 0.8, 0.9], 200, 100),
+                             [0.5 - 72 / 200, 0.0, 0.5 + 72 / 200, 1.0], atol=1e-6)

@@ -14,6 +14,9 @@ from PIL import Image
 from tigerfg_jax.data import folder
 
 _RESAMPLE = Image.Resampling.BILINEAR
+# Context around the target in the privileged teacher's crop, per side, as a fraction
+# of the box's longer side.
+TARGET_MARGIN = 0.1
 
 
 def resize(image: Image.Image, width: int, height: int) -> np.ndarray:
@@ -33,6 +36,27 @@ def crop_resize(image: Image.Image, box: Sequence[float] | None, width: int,
   region = (x0 * w, y0 * h, x1 * w, y1 * h)
   return np.asarray(image.resize((width, height), _RESAMPLE, box=region, reducing_gap=3.0),
                     np.uint8)
+
+
+def context_box(box: Sequence[float], width: float, height: float,
+                margin: float = TARGET_MARGIN) -> np.ndarray:
+  """The square region around a normalised `box` of a `width` x `height` image.
+
+  The box's longer side grows by `margin` of it on each side and the shorter side to
+  the same length, about the box's centre (in pixels, so the crop keeps the product's
+  aspect when resized to a square); the square is shifted inside the image, and
+  clipped where it is larger than the image. Returns float64 [4], normalised.
+  """
+  x0, y0, x1, y1 = (float(v) for v in box)
+  side = max((x1 - x0) * width, (y1 - y0) * height) * (1 + 2 * margin)
+
+  def span(lo: float, hi: float, extent: float) -> tuple[float, float]:
+    length = min(side, extent)
+    start = min(max((lo + hi) / 2 * extent - length / 2, 0.0), extent - length)
+    return start / extent, (start + length) / extent
+
+  (left, right), (top, bottom) = span(x0, x1, width), span(y0, y1, height)
+  return np.asarray([left, top, right, bottom], np.float64)
 
 
 def eval_image(data: bytes, size: int) -> np.ndarray:

@@ -242,15 +242,21 @@ class _TrainUnit:
         canvases.append(kept)
     return canvases
 
-  def _plain(self, data: bytes, box: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+  def _target(self, image, box: np.ndarray, row: int) -> np.ndarray:
+    """uint8 [Si, Si, 3]: the square context region of the item's box (`context_box`,
+    in the item file's pixels) resized to the item size."""
+    region = augment.context_box(box, *self.item_sizes[row])
+    return augment.crop_resize(image, region, self.item_size, self.item_size)
+
+  def _plain(self, data: bytes, box: np.ndarray | None,
+             row: int) -> tuple[np.ndarray, np.ndarray | None]:
     """uint8 [Si, Si, 3] item image and target image (None unless target_crops)."""
     image = augment.eval_image(data, self.item_size)
     if not self.target_crops:
       return image, None
     if box is None:
       return image, image
-    return image, augment.crop_resize(folder.decode_rgb(data), box, self.item_size,
-                                      self.item_size)
+    return image, self._target(folder.decode_rgb(data), box, row)
 
   def _canvas(self, data: list[bytes], boxes: list[np.ndarray | None], item_rows: np.ndarray,
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -266,7 +272,8 @@ class _TrainUnit:
     if not self.target_crops:
       return canvas, pasted, None
     return canvas, pasted, np.stack([
-        augment.crop_resize(p.image, p.box, self.item_size, self.item_size) for p in products])
+        augment.crop_resize(p.image, None, self.item_size, self.item_size) if p.box is None
+        else self._target(p.image, p.box, int(row)) for p, row in zip(products, item_rows)])
 
   def _positives(self, queries: list[dict[str, Any]], rng: np.random.Generator
                  ) -> tuple[np.ndarray, list[np.ndarray | None]]:
@@ -295,7 +302,7 @@ class _TrainUnit:
                 if position < self.num_mosaics(batch_index) else [])
     on_canvas = {e for members in canvases for e in members}
     for e in sorted(set(range(n)) - on_canvas):
-      item_image[e], target = self._plain(data[e], boxes[e])
+      item_image[e], target = self._plain(data[e], boxes[e], int(item_rows[e]))
       if target is not None:
         target_image[e] = target
     for members in canvases:
