@@ -23,10 +23,11 @@ a canvas left with one product is dropped the same way. Other examples: the item
 resized (`augment.eval_image`), with the query's box.
 
 Privileged teacher input (`target_crops=True`): `target_image` uint8 [B, Si, Si, 3] is
-the example's target alone: its box region cut from the decoded stored item image (the
-best resolution the pipeline has) and resized to Si x Si (aspect not kept, as item images
-are squashed); without a box, the item image; on a canvas, the product's source region
-(as pasted, without what covers it). `target_crops=False`: no key, no work.
+the example's target: the square context region of its box (`augment.context_box`: the
+box's longer side plus 10% a side, in the item file's pixels, so the product keeps its
+aspect) cut from the decoded stored item image (the best resolution the pipeline has)
+and resized to Si x Si; without a box, the item image; on a canvas, the product's
+source region (not what covers it on the canvas). `target_crops=False`: no key, no work.
 
 An example is one query: its item is one of its positives drawn at random; its box is
 known when that item is `item_ids[0]` (the box's reference image) and the query has a
