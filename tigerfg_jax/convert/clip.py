@@ -291,9 +291,9 @@ def plan(targets: dict[str, tuple[int, ...]], state: dict[str, np.ndarray],
   problems += [f"{path}: the mapping expects this parameter but the model has none"
                for path in entries if path not in targets]
   # Checked after the block counts, which would otherwise list every missing block.
-  _raise_if(problems, "the checkpoint does not fit the configured model")
+  raise_if(problems, "the checkpoint does not fit the configured model")
   missing = sorted({s for e in entries.values() for s in e.sources} - set(state))
-  _raise_if([f"{name}: missing from the checkpoint" for name in missing],
+  raise_if([f"{name}: missing from the checkpoint" for name in missing],
             "the checkpoint lacks tensors of a part it has")
   return entries, sorted(dropped)
 
@@ -325,11 +325,11 @@ def build_params(entries: dict[str, layout.Entry], targets: dict[str, tuple[int,
     except ConversionError as error:
       key = next((k for prefix, k in _SHAPE_KEYS if path.startswith(prefix)), None)
       problems.append(f"{error}" + (f" [set by {key}]" if key else ""))
-  _raise_if(problems, "shapes differ between the checkpoint and the configured model")
+  raise_if(problems, "shapes differ between the checkpoint and the configured model")
   return built
 
 
-def _raise_if(problems: list[str], headline: str) -> None:
+def raise_if(problems: list[str], headline: str) -> None:
   if problems:
     more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise ConversionError(f"{headline} ({len(problems)} problems):\n  "

@@ -141,13 +141,13 @@ class Entry:
   """How one of our parameters is made from checkpoint tensors.
 
   `build(target_shape, *tensors)` returns the array in our layout or raises
-  ConversionError via `_fit`; `sources` are the checkpoint names it reads.
+  ConversionError via `fit_array`; `sources` are the checkpoint names it reads.
   """
   sources: tuple[str, ...]
   build: Callable[..., np.ndarray]
 
 
-def _fit(array: np.ndarray, target_shape: tuple[int, ...], merged: tuple[int, ...],
+def fit_array(array: np.ndarray, target_shape: tuple[int, ...], merged: tuple[int, ...],
          what: str) -> np.ndarray:
   """`array` (our layout with the head axes merged) reshaped to `target_shape`.
 
@@ -161,36 +161,36 @@ def _fit(array: np.ndarray, target_shape: tuple[int, ...], merged: tuple[int, ..
   return array.reshape(target_shape)
 
 
-def _copy(path: str, source: str) -> Entry:
-  return Entry((source,), lambda shape, x: _fit(x, shape, shape, f"{path} <- {source}"))
+def copy_tensor(path: str, source: str) -> Entry:
+  return Entry((source,), lambda shape, x: fit_array(x, shape, shape, f"{path} <- {source}"))
 
 
-def _linear(path: str, source: str) -> Entry:
+def linear_kernel(path: str, source: str) -> Entry:
   """`nn.Linear.weight` `[out, in]` -> Dense kernel `[in, out]`."""
-  return Entry((source,), lambda shape, w: _fit(w.T, shape, shape, f"{path} <- {source}"))
+  return Entry((source,), lambda shape, w: fit_array(w.T, shape, shape, f"{path} <- {source}"))
 
 
-def _head_kernel(path: str, source: str) -> Entry:
+def head_kernel(path: str, source: str) -> Entry:
   """q/k/v weight `[D, D]` -> `[D, H, D/H]` (the target's H)."""
   def build(shape, w):
-    return _fit(w.T, shape, (shape[0], math.prod(shape[1:])), f"{path} <- {source}")
+    return fit_array(w.T, shape, (shape[0], math.prod(shape[1:])), f"{path} <- {source}")
   return Entry((source,), build)
 
 
-def _head_bias(path: str, source: str) -> Entry:
+def head_bias(path: str, source: str) -> Entry:
   """q/k/v bias `[D]` -> `[H, D/H]`."""
-  return Entry((source,), lambda shape, b: _fit(b, shape, (math.prod(shape),),
+  return Entry((source,), lambda shape, b: fit_array(b, shape, (math.prod(shape),),
                                                  f"{path} <- {source}"))
 
 
-def _out_kernel(path: str, source: str) -> Entry:
+def out_kernel(path: str, source: str) -> Entry:
   """out_proj weight `[D, D]` -> `[H, D/H, D]`."""
   def build(shape, w):
-    return _fit(w.T, shape, (math.prod(shape[:-1]), shape[-1]), f"{path} <- {source}")
+    return fit_array(w.T, shape, (math.prod(shape[:-1]), shape[-1]), f"{path} <- {source}")
   return Entry((source,), build)
 
 
-def _zeros() -> Entry:
+def zeros_entry() -> Entry:
   """A bias the checkpoint does not have: zeros keep the function CLIP computes."""
   return Entry((), lambda shape: np.zeros(shape, np.float32))
 
@@ -198,31 +198,32 @@ def _zeros() -> Entry:
 def _block(ours: str, theirs: str) -> dict[str, Entry]:
   entries = {}
   for norm_ours, norm_theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2")):
-    entries[f"{ours}/{norm_ours}/scale"] = _copy(f"{ours}/{norm_ours}/scale",
+    entries[f"{ours}/{norm_ours}/scale"] = copy_tensor(f"{ours}/{norm_ours}/scale",
                                                  f"{theirs}.{norm_theirs}.weight")
-    entries[f"{ours}/{norm_ours}/bias"] = _copy(f"{ours}/{norm_ours}/bias",
+    entries[f"{ours}/{norm_ours}/bias"] = copy_tensor(f"{ours}/{norm_ours}/bias",
                                                 f"{theirs}.{norm_theirs}.bias")
   for head_ours, head_theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
     path = f"{ours}/attn/{head_ours}"
-    entries[f"{path}/kernel"] = _head_kernel(f"{path}/kernel",
+    entries[f"{path}/kernel"] = head_kernel(f"{path}/kernel",
                                              f"{theirs}.self_attn.{head_theirs}.weight")
     if head_ours != "key":  # The key bias is dropped (`key_biases`).
-      entries[f"{path}/bias"] = _head_bias(f"{path}/bias",
+      entries[f"{path}/bias"] = head_bias(f"{path}/bias",
                                            f"{theirs}.self_attn.{head_theirs}.bias")
-  entries[f"{ours}/attn/out/kernel"] = _out_kernel(f"{ours}/attn/out/kernel",
+  entries[f"{ours}/attn/out/kernel"] = out_kernel(f"{ours}/attn/out/kernel",
                                                    f"{theirs}.self_attn.out_proj.weight")
-  entries[f"{ours}/attn/out/bias"] = _copy(f"{ours}/attn/out/bias",
+  entries[f"{ours}/attn/out/bias"] = copy_tensor(f"{ours}/attn/out/bias",
                                            f"{theirs}.self_attn.out_proj.bias")
   for fc in ("fc1", "fc2"):
-    entries[f"{ours}/mlp/{fc}/kernel"] = _linear(f"{ours}/mlp/{fc}/kernel",
+    entries[f"{ours}/mlp/{fc}/kernel"] = linear_kernel(f"{ours}/mlp/{fc}/kernel",
                                                  f"{theirs}.mlp.{fc}.weight")
-    entries[f"{ours}/mlp/{fc}/bias"] = _copy(f"{ours}/mlp/{fc}/bias", f"{theirs}.mlp.{fc}.bias")
+    entries[f"{ours}/mlp/{fc}/bias"] = copy_tensor(f"{ours}/mlp/{fc}/bias",
+                                                   f"{theirs}.mlp.{fc}.bias")
   return entries
 
 
 def _norm(ours: str, theirs: str) -> dict[str, Entry]:
-  return {f"{ours}/scale": _copy(f"{ours}/scale", f"{theirs}.weight"),
-          f"{ours}/bias": _copy(f"{ours}/bias", f"{theirs}.bias")}
+  return {f"{ours}/scale": copy_tensor(f"{ours}/scale", f"{theirs}.weight"),
+          f"{ours}/bias": copy_tensor(f"{ours}/bias", f"{theirs}.bias")}
 
 
 def vision_entries(ours: str, depth: int, pre_norm: bool) -> dict[str, Entry]:
@@ -231,7 +232,7 @@ def vision_entries(ours: str, depth: int, pre_norm: bool) -> dict[str, Entry]:
   positions = f"{embeddings}.position_embedding.weight"
 
   def patch_kernel(shape, w):
-    return _fit(w.transpose(2, 3, 1, 0), shape, shape,
+    return fit_array(w.transpose(2, 3, 1, 0), shape, shape,
                 f"{ours}/patch_embed/kernel <- {embeddings}.patch_embedding.weight")
 
   def patch_positions(shape, table):
@@ -240,16 +241,16 @@ def vision_entries(ours: str, depth: int, pre_norm: bool) -> dict[str, Entry]:
           f"{ours}/pos_embedding <- {positions}: the checkpoint has {table.shape[0] - 1} "
           f"patch positions ({_grid(table.shape[0] - 1)} grid), the model {shape[0]} "
           f"({_grid(shape[0])} grid)")
-    return _fit(table[1:], shape, shape, f"{ours}/pos_embedding <- {positions}")
+    return fit_array(table[1:], shape, shape, f"{ours}/pos_embedding <- {positions}")
 
   def cls(shape, class_embedding, table):
-    return _fit((class_embedding + table[0])[None], shape, shape,
+    return fit_array((class_embedding + table[0])[None], shape, shape,
                 f"{ours}/cls <- {embeddings}.class_embedding + {positions}[0]")
 
   entries = {
       f"{ours}/patch_embed/kernel": Entry((f"{embeddings}.patch_embedding.weight",),
                                           patch_kernel),
-      f"{ours}/patch_embed/bias": _zeros(),
+      f"{ours}/patch_embed/bias": zeros_entry(),
       f"{ours}/pos_embedding": Entry((positions,), patch_positions),
       f"{ours}/cls": Entry((f"{embeddings}.class_embedding", positions), cls),
       **_norm(f"{ours}/encoder/norm", "vision_model.post_layernorm"),
@@ -270,10 +271,10 @@ def text_entries(ours: str, depth: int) -> dict[str, Entry]:
       raise ConversionError(f"{ours}/pos_embedding <- {positions}: the checkpoint has "
                         f"{table.shape[0]} text positions, fewer than "
                         f"model.max_title_len={shape[0]}")
-    return _fit(table[:shape[0]], shape, shape, f"{ours}/pos_embedding <- {positions}")
+    return fit_array(table[:shape[0]], shape, shape, f"{ours}/pos_embedding <- {positions}")
 
   entries = {
-      f"{ours}/token_embed/embedding": _copy(f"{ours}/token_embed/embedding", TEXT_ANCHOR),
+      f"{ours}/token_embed/embedding": copy_tensor(f"{ours}/token_embed/embedding", TEXT_ANCHOR),
       f"{ours}/pos_embedding": Entry((positions,), leading_positions),
       **_norm(f"{ours}/encoder/norm", "text_model.final_layer_norm"),
   }
@@ -295,9 +296,9 @@ def key_biases(state: Mapping[str, np.ndarray], tower: str) -> list[str]:
 
 def projection_entries(ours: str, source: str, has_bias: bool) -> dict[str, Entry]:
   """A bias-free CLIP projection `[P, D]` into our Dense at `ours`."""
-  entries = {f"{ours}/kernel": _linear(f"{ours}/kernel", source)}
+  entries = {f"{ours}/kernel": linear_kernel(f"{ours}/kernel", source)}
   if has_bias:
-    entries[f"{ours}/bias"] = _zeros()
+    entries[f"{ours}/bias"] = zeros_entry()
   return entries
 
 

@@ -116,7 +116,7 @@ def build_params(spec: patch_teacher.PatchTeacherSpec, config: dict[str, Any],
                           f"{config_path} says num_hidden_layers={spec.depth}")
   entries = layout.vision_entries(depth, spec.num_registers, bool(config["qkv_bias"]))
   missing = sorted({s for e in entries.values() for s in e.sources} - set(state))
-  clip._raise_if([f"{name}: missing from the checkpoint" for name in missing],
+  clip.raise_if([f"{name}: missing from the checkpoint" for name in missing],
                  "the checkpoint lacks tensors of a DINOv2 ViT")
   built = clip.build_params(entries, targets, state)
   params = jax.tree_util.tree_unflatten(

@@ -65,59 +65,59 @@ def _block(ours: str, theirs: str, qkv_bias: bool) -> dict[str, Entry]:
   attention = f"{theirs}.attention.attention"
   for head_ours, head_theirs in (("query", "query"), ("key", "key"), ("value", "value")):
     path = f"{ours}/attn/{head_ours}"
-    entries[f"{path}/kernel"] = clip_layout._head_kernel(
+    entries[f"{path}/kernel"] = clip_layout.head_kernel(
         f"{path}/kernel", f"{attention}.{head_theirs}.weight")
     if head_ours != "key":  # The key bias is dropped (`dropped_tensors`).
       entries[f"{path}/bias"] = (
-          clip_layout._head_bias(f"{path}/bias", f"{attention}.{head_theirs}.bias")
-          if qkv_bias else clip_layout._zeros())
+          clip_layout.head_bias(f"{path}/bias", f"{attention}.{head_theirs}.bias")
+          if qkv_bias else clip_layout.zeros_entry())
   output = f"{theirs}.attention.output.dense"
-  entries[f"{ours}/attn/out/kernel"] = clip_layout._out_kernel(f"{ours}/attn/out/kernel",
+  entries[f"{ours}/attn/out/kernel"] = clip_layout.out_kernel(f"{ours}/attn/out/kernel",
                                                                f"{output}.weight")
-  entries[f"{ours}/attn/out/bias"] = clip_layout._copy(f"{ours}/attn/out/bias",
+  entries[f"{ours}/attn/out/bias"] = clip_layout.copy_tensor(f"{ours}/attn/out/bias",
                                                        f"{output}.bias")
   for k in (1, 2):
-    entries[f"{ours}/ls{k}"] = clip_layout._copy(f"{ours}/ls{k}",
+    entries[f"{ours}/ls{k}"] = clip_layout.copy_tensor(f"{ours}/ls{k}",
                                                  f"{theirs}.layer_scale{k}.lambda1")
   for fc in ("fc1", "fc2"):
-    entries[f"{ours}/mlp/{fc}/kernel"] = clip_layout._linear(f"{ours}/mlp/{fc}/kernel",
+    entries[f"{ours}/mlp/{fc}/kernel"] = clip_layout.linear_kernel(f"{ours}/mlp/{fc}/kernel",
                                                              f"{theirs}.mlp.{fc}.weight")
-    entries[f"{ours}/mlp/{fc}/bias"] = clip_layout._copy(f"{ours}/mlp/{fc}/bias",
+    entries[f"{ours}/mlp/{fc}/bias"] = clip_layout.copy_tensor(f"{ours}/mlp/{fc}/bias",
                                                          f"{theirs}.mlp.{fc}.bias")
   return entries
 
 
 def _norm(ours: str, theirs: str) -> dict[str, Entry]:
-  return {f"{ours}/scale": clip_layout._copy(f"{ours}/scale", f"{theirs}.weight"),
-          f"{ours}/bias": clip_layout._copy(f"{ours}/bias", f"{theirs}.bias")}
+  return {f"{ours}/scale": clip_layout.copy_tensor(f"{ours}/scale", f"{theirs}.weight"),
+          f"{ours}/bias": clip_layout.copy_tensor(f"{ours}/bias", f"{theirs}.bias")}
 
 
 def vision_entries(depth: int, num_registers: int, qkv_bias: bool) -> dict[str, Entry]:
   """`{our VisionEncoder param path: Entry}` (paths at the top of its tree)."""
 
   def patch_kernel(shape, w):
-    return clip_layout._fit(w.transpose(2, 3, 1, 0), shape, shape,
+    return clip_layout.fit_array(w.transpose(2, 3, 1, 0), shape, shape,
                             f"patch_embed/kernel <- {PATCH_WEIGHT}")
 
   def patch_positions(shape, table):
     table = table.reshape(-1, table.shape[-1])
-    return clip_layout._fit(table[1:], shape, shape, f"pos_embedding <- {POSITIONS}[1:]")
+    return clip_layout.fit_array(table[1:], shape, shape, f"pos_embedding <- {POSITIONS}[1:]")
 
   def cls(shape, token, table):
-    return clip_layout._fit(token.reshape(1, -1) + table.reshape(-1, table.shape[-1])[:1],
+    return clip_layout.fit_array(token.reshape(1, -1) + table.reshape(-1, table.shape[-1])[:1],
                             shape, shape,
                             f"cls <- {EMBEDDINGS}.cls_token + {POSITIONS}[0]")
 
   entries = {
       "patch_embed/kernel": Entry((PATCH_WEIGHT,), patch_kernel),
-      "patch_embed/bias": clip_layout._copy(
+      "patch_embed/bias": clip_layout.copy_tensor(
           "patch_embed/bias", f"{EMBEDDINGS}.patch_embeddings.projection.bias"),
       "pos_embedding": Entry((POSITIONS,), patch_positions),
       "cls": Entry((f"{EMBEDDINGS}.cls_token", POSITIONS), cls),
       **_norm("encoder/norm", "layernorm"),
   }
   if num_registers:
-    entries["registers"] = Entry((REGISTERS,), lambda shape, r: clip_layout._fit(
+    entries["registers"] = Entry((REGISTERS,), lambda shape, r: clip_layout.fit_array(
         r.reshape(-1, r.shape[-1]), shape, shape, f"registers <- {REGISTERS}"))
   for i in range(depth):
     entries.update(_block(f"encoder/block_{i}", f"encoder.layer.{i}", qkv_bias))

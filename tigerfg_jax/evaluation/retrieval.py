@@ -1,8 +1,9 @@
 """The retrieval evaluator: embed every eval split's catalog and queries, search, score.
 
 Each split folder whose name starts with `eval` is its own benchmark with its own
-catalog. The final evaluation writes `WORKDIR/eval/results.json` (a local folder or a gs:// URL, `tigerfg_jax.runpath`), the embeddings of
-each split (`<split>_{item,query}_emb.npy`, rows in split order) and a console table;
+catalog. The final evaluation writes `WORKDIR/eval/results.json` (a local folder or a
+gs:// URL, `tigerfg_jax.runpath`), the embeddings of each split
+(`<split>_{item,query}_emb.npy`, rows in split order) and a console table;
 a periodic one (`config.evals.retrieval.every`) only returns its metrics for the log.
 """
 
