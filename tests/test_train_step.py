@@ -112,8 +112,11 @@ def test_terms_match_numpy_references():
       hard=np.asarray(student["swap_emb"]), hard_valid=hard_valid), rtol=1e-4)
 
 
-def test_swap_embeddings_are_the_items_pooled_under_the_partners_titles():
-  config, built, state, batch = _setup()
+@pytest.mark.parametrize("mode", ["tiger", "clip_style"])
+def test_swap_embeddings_are_the_items_pooled_under_the_partners_titles(mode):
+  """All titles of an image are pooled in one pass (keys and values projected once);
+  each must equal pooling that title alone."""
+  config, built, state, batch = _setup(**{"model.mode": mode})
   student = _student_outputs(built.model, state.params, batch, 2)
   partner = 3  # row 1's second swap partner: (1 + 2) % 6.
   swapped_batch = dict(batch, title_tokens=batch["title_tokens"][jnp.asarray([partner])],

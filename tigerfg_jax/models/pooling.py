@@ -45,21 +45,27 @@ class TextGuidedPooling(nn.Module):
   def __call__(self, cls: jax.Array, patches: jax.Array, text_tokens: jax.Array,
                text_mask: jax.Array,
                region_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Pools the patches under the title's guidance.
+    """Pools the patches under the title's guidance (or under T titles each).
 
     Args:
       cls: `[B, D]` the image's CLS token.
       patches: `[B, N, D]` patch tokens.
-      text_tokens: `[B, L, Dt]` title tokens.
-      text_mask: bool `[B, L]`, True on real title tokens.
+      text_tokens: `[B, L, Dt]` title tokens, or `[B, T, L, Dt]`: T titles per image,
+        each pooled on its own; the patches' keys and values are projected once.
+      text_mask: bool `[B, L]` (or `[B, T, L]`), True on real title tokens.
       region_mask: bool `[B, N]` or None; patches the visual attentions may read.
 
     Returns:
       dict with `f_a` `[B, D]` and `f_m` `[B, D]` (dtype), `slot_weights` float32
       `[B, K]` and `attention` float32 `[B, H, N]` (the `f_a` pooling's map, rows sum
-      to 1 over N).
+      to 1 over N); with T titles each gets a T axis after B (`attention`:
+      `[B, H, T, N]`).
     """
+    several = text_tokens.ndim == 4
+    if not several:
+      text_tokens, text_mask = text_tokens[:, None], text_mask[:, None]
     batch, _, width = patches.shape
+    titles, length = text_mask.shape[1:]
     norm = functools.partial(partitioning.layer_norm, dtype=self.dtype)
     attend = functools.partial(transformer.MultiHeadAttention, self.num_heads,
                                dtype=self.dtype)
@@ -67,16 +73,20 @@ class TextGuidedPooling(nn.Module):
     slots = self.param(
         "slots", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
         (self.num_slots, width), jnp.float32)
-    slots = jnp.broadcast_to(slots.astype(self.dtype), (batch, self.num_slots, width))
+    slots = jnp.broadcast_to(slots.astype(self.dtype),
+                             (batch * titles, self.num_slots, width))
     read_title, _ = attend(name="title_attn")(
-        norm(name="title_norm")(slots), text_tokens, text_mask)
-    slots = slots + read_title
+        norm(name="title_norm")(slots),
+        text_tokens.reshape(batch * titles, length, -1),
+        text_mask.reshape(batch * titles, length))
+    # [B, T * K, D]: every title's slots query the same patches in one attention.
+    slots = (slots + read_title).reshape(batch, titles * self.num_slots, width)
     read_image, _ = attend(name="slot_image_attn")(
         norm(name="slot_image_norm")(slots), patches, region_mask)
     slots = slots + read_image
     slot_mlp = transformer.MlpBlock(self.mlp_dim, dtype=self.dtype, name="slot_mlp")
     slots = slots + slot_mlp(norm(name="slot_mlp_norm")(slots))
-    slots = norm(name="slot_out_norm")(slots)
+    slots = norm(name="slot_out_norm")(slots).reshape(batch, titles, self.num_slots, width)
 
     hidden = partitioning.dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype,
                                 name="slot_score_hidden")(slots)
@@ -84,13 +94,15 @@ class TextGuidedPooling(nn.Module):
     scores = partitioning.dense(1, ("mlp", None), dtype=self.dtype, use_bias=False,
                                 name="slot_score")(nn.gelu(hidden, approximate=False))
     slot_weights = jax.nn.softmax(scores[..., 0].astype(jnp.float32), axis=-1)
-    f_m = jnp.einsum("bk,bkd->bd", slot_weights.astype(self.dtype), slots)
+    f_m = jnp.einsum("btk,btkd->btd", slot_weights.astype(self.dtype), slots)
 
-    query = norm(name="cls_norm")(cls) + transformer.MlpBlock(
+    query = norm(name="cls_norm")(cls)[:, None, :] + transformer.MlpBlock(
         self.mlp_dim, dtype=self.dtype, name="query_mlp")(f_m)
-    f_a, weights = attend(name="appearance_attn")(query[:, None, :], patches,
-                                                  region_mask)
-    return dict(f_a=f_a[:, 0], f_m=f_m, slot_weights=slot_weights,
+    f_a, weights = attend(name="appearance_attn")(query, patches, region_mask)
+    pooled = dict(f_a=f_a, f_m=f_m, slot_weights=slot_weights, attention=weights)
+    if several:
+      return pooled
+    return dict(f_a=f_a[:, 0], f_m=f_m[:, 0], slot_weights=slot_weights[:, 0],
                 attention=weights[:, :, 0, :])
 
 

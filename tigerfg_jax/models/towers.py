@@ -171,22 +171,6 @@ class ItemTower(nn.Module):
     self.region_projection = dense()
     self.title_projection = dense()
 
-  def _pool(self, cls: jax.Array, patches: jax.Array, title: jax.Array,
-            title_pooled: jax.Array, title_mask: jax.Array,
-            region_mask: jax.Array | None) -> dict[str, jax.Array]:
-    """The item embedding of patches under a title: `item_emb` float32 `[B, E]`,
-    `region` (the pooled visual feature, dtype `[B, D]`) and `attention` `[B, H, N]`."""
-    if self.mode == "tiger":
-      pooled = self.pooling(cls, patches, title, title_mask, region_mask)
-      region = pooled["f_a"]
-      feature = region + self.merge_mlp(self.merge_norm(pooled["f_m"]))
-      attention = pooled["attention"]
-    else:
-      region, attention = self.pooling(patches, region_mask)
-      feature = jnp.concatenate([region, title_pooled], axis=-1)
-    return dict(item_emb=l2_normalize(self.projection(feature)), region=region,
-                attention=attention)
-
   def __call__(self, images: jax.Array, title_tokens: jax.Array,
                title_mask: jax.Array, region_mask: jax.Array | None = None,
                swap_titles: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -198,7 +182,9 @@ class ItemTower(nn.Module):
       title_mask: bool `[B, L]`, True on real tokens.
       region_mask: bool `[B, N]` or None: the patches the pooling may read.
       swap_titles: K >= 0: also pool each item's patches under the titles of its
-        `swap_partners(B, K)` (the ViT runs once; only the pooling reruns).
+        `swap_partners(B, K)`. The ViT runs once and the patches' attention keys and
+        values are projected once: only the title-dependent part of the pooling
+        reruns ('clip_style' pools without the title: only the fusion reruns).
 
     Returns:
       `(embedding float32 [B, E], aux)`; aux holds `attention` float32 `[B, H, N]`
@@ -212,19 +198,27 @@ class ItemTower(nn.Module):
                                           self.dtype))
     cls, patches = tokens[:, 0], tokens[:, 1 + self.num_registers:]
     title, title_pooled = self.text_encoder(title_tokens, title_mask)
-    pooled = self._pool(cls, patches, title, title_pooled, title_mask, region_mask)
-    aux = dict(attention=pooled["attention"], patches=patches,
-               region_emb=l2_normalize(self.region_projection(pooled["region"])),
+    # Title t of row r: its own (t = 0), then its swap partners' ([B, 1 + K, ...]).
+    rows = jnp.arange(images.shape[0], dtype=jnp.int32)[:, None]
+    owners = jnp.concatenate([rows, swap_partners(images.shape[0], swap_titles)], axis=1)
+    if self.mode == "tiger":
+      pooled = self.pooling(cls, patches, title[owners], title_mask[owners], region_mask)
+      region = pooled["f_a"][:, 0]
+      features = pooled["f_a"] + self.merge_mlp(self.merge_norm(pooled["f_m"]))
+      attention = pooled["attention"][:, :, 0, :]
+    else:
+      region, attention = self.pooling(patches, region_mask)
+      pooled_titles = title_pooled[owners]
+      features = jnp.concatenate(
+          [jnp.broadcast_to(region[:, None], (*pooled_titles.shape[:2], region.shape[-1])),
+           pooled_titles], axis=-1)
+    embeddings = l2_normalize(self.projection(features))
+    aux = dict(attention=attention, patches=patches,
+               region_emb=l2_normalize(self.region_projection(region)),
                title_emb=l2_normalize(self.title_projection(title_pooled)))
     if swap_titles:
-      batch = images.shape[0]
-      partners = swap_partners(batch, swap_titles).reshape(-1)
-      repeat = functools.partial(jnp.repeat, repeats=swap_titles, axis=0)
-      swapped = self._pool(
-          repeat(cls), repeat(patches), title[partners], title_pooled[partners],
-          title_mask[partners], None if region_mask is None else repeat(region_mask))
-      aux["swap_emb"] = swapped["item_emb"].reshape(batch, swap_titles, -1)
-    return pooled["item_emb"], aux
+      aux["swap_emb"] = embeddings[:, 1:]
+    return embeddings[:, 0], aux
 
 
 class TigerFG(nn.Module):

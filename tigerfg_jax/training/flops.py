@@ -57,9 +57,17 @@ def mfu(flops_per_step: float, step_seconds: float, device_kind: str,
 def _attention(queries: int, keys: int, width: int, key_width: int) -> int:
   """Forward FLOPs of one `MultiHeadAttention` for one example: `queries` rows of
   `width` attending over `keys` rows of `key_width` (projections, QK^T, AV, out)."""
-  projections = 2 * queries * width * width + 2 * 2 * keys * key_width * width
-  mixing = 2 * 2 * queries * keys * width
-  return projections + mixing + 2 * queries * width * width
+  return _key_values(keys, width, key_width) + _attention_queries(queries, keys, width)
+
+
+def _key_values(keys: int, width: int, key_width: int) -> int:
+  """The key and value projections of an attention (once per set of keys)."""
+  return 2 * 2 * keys * key_width * width
+
+
+def _attention_queries(queries: int, keys: int, width: int) -> int:
+  """The query projection, QK^T, AV and the output projection of `queries` rows."""
+  return 2 * queries * width * width + 2 * 2 * queries * keys * width + 2 * queries * width * width
 
 
 def _mlp(rows: int, width: int, hidden: int) -> int:
@@ -100,22 +108,26 @@ def _title_pool(model: ml_collections.ConfigDict) -> tuple[int, int]:
           model.text_proj_dim or size["width"])
 
 
-def _pooling(model: ml_collections.ConfigDict, patches: int) -> int:
-  """The item pooling, merge and projection on one example (title already encoded)."""
+def _pooling(model: ml_collections.ConfigDict, patches: int, titles: int = 1) -> int:
+  """The item pooling, merge and projection on one example (title already encoded),
+  under `titles` titles (its own and the title-swap partners'): what depends on the
+  title runs per title, the patches' keys and values are projected once."""
   width = vision.decode_variant(model.vision_variant)["width"]
   length, slots, hidden = model.max_title_len, model.pooling_slots, model.pooling_mlp_dim
-  if model.mode == "clip_style":
-    return _map_head(patches, width, hidden) + 2 * (width + _title_pool(model)[1]) * model.embed_dim
+  projection = 2 * (width + _title_pool(model)[1]) * model.embed_dim
+  if model.mode == "clip_style":  # the MAP head ignores the title: it runs once.
+    return _map_head(patches, width, hidden) + titles * projection
   text_width = text.decode_text_variant(model.text_variant)["width"]
-  total = _attention(slots, length, width, text_width)  # slots read the title.
-  total += _attention(slots, patches, width, width)  # slots read the patches.
-  total += _mlp(slots, width, hidden)
-  total += 2 * slots * width * hidden + 2 * slots * hidden  # slot scores.
-  total += 2 * slots * width  # f_m: the slot-weighted sum.
-  total += _mlp(1, width, hidden)  # appearance query.
-  total += _attention(1, patches, width, width)  # f_a over the patches.
-  total += _mlp(1, width, hidden)  # merge MLP.
-  return total + 2 * width * model.embed_dim
+  total = 2 * _key_values(patches, width, width)  # the two attentions over the patches.
+  per_title = _attention(slots, length, width, text_width)  # slots read the title.
+  per_title += _attention_queries(slots, patches, width)  # slots read the patches.
+  per_title += _mlp(slots, width, hidden)
+  per_title += 2 * slots * width * hidden + 2 * slots * hidden  # slot scores.
+  per_title += 2 * slots * width  # f_m: the slot-weighted sum.
+  per_title += _mlp(1, width, hidden)  # appearance query.
+  per_title += _attention_queries(1, patches, width)  # f_a over the patches.
+  per_title += _mlp(1, width, hidden)  # merge MLP.
+  return total + titles * (per_title + 2 * width * model.embed_dim)
 
 
 def _item_head(model: ml_collections.ConfigDict, patches: int, v2t: bool = False) -> int:
@@ -169,7 +181,7 @@ def train_step_flops(config: ml_collections.ConfigDict,
   item_embed, item_vit, patches = _vit(model, data.item_image_size)
   student = batch * (query_vit + _query_head(model, query_patches) + item_vit
                      + _item_head(model, patches, v2t="v2t" in terms)
-                     + swaps * _pooling(model, patches))
+                     + _pooling(model, patches, 1 + swaps) - _pooling(model, patches))
   logits, hard = 2 * batch * batch * embed, 2 * batch * swaps * embed
   width = vision.decode_variant(model.vision_variant)["width"]
   student += sum(logits for t in ("q2i", "v2t", "sdd") if t in terms)
