@@ -29,7 +29,8 @@ def main():
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=num_processes, process_id=process_id)
   assert jax.process_count() == num_processes
-  config = train_helpers.micro_config(**{"train.batch_size": BATCH})
+  config = train_helpers.micro_config(**{"train.batch_size": BATCH,
+                                         **train_helpers.NO_TEACHER})
   mesh = sharding.make_mesh(config.mesh)
   built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
   state = built.init(jax.random.PRNGKey(0))

@@ -26,7 +26,8 @@ BATCH = 8
 def main():
   assert jax.device_count() == int(devices), jax.devices()
   config = train_helpers.micro_config(stage, **{"mesh.param_sharding": param_sharding,
-                                                "train.batch_size": BATCH})
+                                                "train.batch_size": BATCH,
+                                                **train_helpers.NO_TEACHER})
   mesh = sharding.make_mesh(config.mesh)
   built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
   state = built.init(jax.random.PRNGKey(0))

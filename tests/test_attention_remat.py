@@ -68,7 +68,7 @@ def test_dot_product_kind_returns_no_weights_and_bad_kind_is_named():
 
 
 def _micro_config(**model):
-  config = train_helpers.micro_config("distill")
+  config = train_helpers.micro_config("distill", **train_helpers.NO_TEACHER)
   config.model.update(model)
   return config
 
@@ -76,7 +76,7 @@ def _micro_config(**model):
 @functools.lru_cache(maxsize=None)
 def _loss_and_grads(remat: str):
   """(params, loss, grads, remat in the program) of the distill objective without a
-  teacher (InfoNCE + spatial map)."""
+  teacher (q2i with title-swap negatives, v2t, spatial map)."""
   config = _micro_config(remat=remat)
   model_config = config.model.copy_and_resolve_references()
   model_config.vocab_size = train_helpers.VOCAB_SIZE
