@@ -14,8 +14,10 @@ NO_TEACHER = {"loss.w_i2v": 0.0, "loss.w_sdd": 0.0, "loss.w_srd": 0.0,
 
 # Comparing params after Adam steps taken in different reduction orders (devices,
 # processes): Adam divides by sqrt(v), so an element whose gradient is near zero turns
-# 1e-7 relative noise into an update difference of up to ~1% of a step (lr 1e-3).
-ADAM_ATOL = 2e-5
+# 1e-7 relative noise into an update difference of a few % of a step (lr 1e-3; seen:
+# 4% on one title-attention weight with the title-swap negatives). A real difference
+# (other data, a missing reduction) moves most elements by whole steps.
+ADAM_ATOL = 1e-4
 
 
 def micro_config(stage: str = "distill", **overrides):
