@@ -25,7 +25,9 @@ def test_the_baseline_trains_as_many_steps_as_teacher_and_student(preset):
 
 def test_distill_turns_every_term_on_and_the_baseline_only_q2i():
   distill = config_lib.experiment_config("distill", "tiny")
-  assert step_lib.active_terms(distill.loss) == step_lib.LOSS_TERMS
+  assert step_lib.active_terms(distill.loss) == step_lib.IMAGE_TERMS
+  text_stage = config_lib.experiment_config("text_query", "tiny")
+  assert step_lib.active_terms(text_stage.loss) == step_lib.TEXT_QUERY_TERMS
   assert distill.loss.hard_negatives > 0
   baseline = config_lib.experiment_config("clip_style", "tiny")
   assert step_lib.active_terms(baseline.loss) == ("q2i",)

@@ -97,7 +97,7 @@ def test_each_row_adds_one_piece(tmp_path):
   assert changed("srd", "spatial_map") == {"loss.w_spatial_map"}
   for key in ("v2t_i2v", "sdd", "srd", "spatial_map"):
     assert configs[key].teacher.init_student
-  assert step_lib.active_terms(configs["spatial_map"].loss) == step_lib.LOSS_TERMS
+  assert step_lib.active_terms(configs["spatial_map"].loss) == step_lib.IMAGE_TERMS
   # The full row is configs/distill.py as it stands, plus seed, steps, data, teacher and
   # the box oracle.
   distill = paper_table.load_config_file(os.path.join(REPO, "configs", "distill.py"), "micro")

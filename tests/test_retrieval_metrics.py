@@ -1,6 +1,8 @@
-"""Recall@k / mAP@k against hand-worked examples and a loop-by-loop reference."""
+"""Recall@k / mAP@k / NDCG@k against hand-worked examples and a loop-by-loop reference."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -74,6 +76,36 @@ def _reference(rows, positives, ks, map_k):
   out = {f"R@{k}": 100 * v / len(rows) for k, v in recalls.items()}
   out[f"mAP@{map_k}"] = 100 * ap_sum / len(rows)
   return out
+
+
+def test_ndcg_hand_worked():
+  # q0: positives {7, 9} at ranks 2 and 5: DCG = 1/log2(3) + 1/log2(6); ideal (2
+  #     positives first) = 1 + 1/log2(3). q1: one positive at rank 1: 1. q2: none: 0.
+  rows = np.array([[3, 7, 1, 4, 9], [2, 0, 5, 6, 8], [1, 2, 3, 4, 5]])
+  result = retrieval_metrics.retrieval_metrics(rows, [{7, 9}, {2}, [10, 11]], ndcg_k=5)
+  q0 = (1 / np.log2(3) + 1 / np.log2(6)) / (1 + 1 / np.log2(3))
+  assert result["NDCG@5"] == pytest.approx(100 * (q0 + 1.0 + 0.0) / 3)
+  assert "NDCG@5" not in retrieval_metrics.retrieval_metrics(rows, [{7}, {2}, {1}])
+
+
+def _reference_ndcg(rows, positives, k):
+  total = 0.0
+  for ranking, query_positives in zip(rows.tolist(), positives):
+    dcg = sum(1 / math.log2(rank + 1) for rank, row in enumerate(ranking[:k], start=1)
+              if row in set(query_positives))
+    ideal = sum(1 / math.log2(rank + 1)
+                for rank in range(1, min(len(set(query_positives)), k) + 1))
+    total += dcg / ideal
+  return 100 * total / len(rows)
+
+
+def test_random_ndcg_matches_reference():
+  rng = np.random.default_rng(1)
+  rows = np.stack([rng.permutation(60)[:20] for _ in range(40)])
+  positives = [set(rng.choice(60, size=rng.integers(1, 15), replace=False).tolist())
+               for _ in range(40)]
+  result = retrieval_metrics.retrieval_metrics(rows, positives, ndcg_k=10)
+  assert result["NDCG@10"] == pytest.approx(_reference_ndcg(rows, positives, 10))
 
 
 def test_random_rankings_match_reference():

@@ -7,7 +7,7 @@ of machine: `micro` (unit tests, seconds), `tiny` (the CPU default, minutes), `b
 
 Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   seed                      int, master PRNG seed.
-  stage                     'teacher' | 'distill' | 'clip_style'.
+  stage                     'teacher' | 'distill' | 'clip_style' | 'text_query'.
   model.vision_variant      ViT size name for `models.vision.decode_variant`.
   model.patch_size          patch side in pixels.
   model.posemb_grid         G: the ViT's position embedding is learned on a G x G grid
@@ -44,6 +44,13 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   model.remat               what the encoder blocks recompute in the backward pass:
                             'none' | 'full' | 'dots' | 'names' (models/transformer.py).
                             Same parameters.
+  model.item_fusion         the item side: 'tiger' (the TIGER-FG item tower of
+                            model.mode; every stage) or, for the text_query stage,
+                            'concat' | 'beyond_text' | 'smar' | 'text' | 'image'
+                            (models/fusion.py).
+  model.text_query_encoder  text query tower: 'none' | 'title' (the item tower's title
+                            encoder, shared) | 'own' (its own encoder).
+  model.max_query_len       Lq, text query tokens incl. BOS/EOS.
   data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
 """
 
@@ -61,7 +68,7 @@ from tigerfg_jax import runpath
 from tigerfg_jax.models import partitioning
 from tigerfg_jax.models import towers
 
-STAGES = ("teacher", "distill", "clip_style")
+STAGES = ("teacher", "distill", "clip_style", "text_query")
 
 _CLIP_MEAN = (0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255)
 _CLIP_STD = (0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255)
@@ -153,6 +160,9 @@ def _model_config(p: Preset) -> ml_collections.ConfigDict:
       text_proj_dim=0,
       attention="dot_product",
       remat=p.remat,
+      item_fusion="tiger",
+      text_query_encoder="none",
+      max_query_len=p.max_title_len,
   ))
 
 
@@ -221,6 +231,9 @@ def _loss_config() -> ml_collections.ConfigDict:
       w_sdd=0.0,                    # similarity-distribution KL vs the teacher.
       w_srd=0.0,                    # spatial-relation KL vs a frozen patch teacher.
       w_spatial_map=0.0,            # the student's attention map vs the target region.
+      w_t2i=0.0,                    # text query vs item InfoNCE (text_queries.jsonl).
+      w_t2modal=0.0,                # text query vs the item's text / image / multimodal
+                                    # embeddings ('beyond_text' and 'smar' fusions).
       hard_negatives=0,             # K titles each item is re-pooled under (q2i, i2v).
       spatial_target="box",         # 'box' (box mask on the patch grid) | 'teacher'.
       kd_temperature=1.0,           # T of the similarity KL.
@@ -286,7 +299,16 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   if stage == "clip_style":
     config.model.mode = "clip_style"
     config.data.mosaic_prob = 0.0
+  if stage == "text_query":
+    config.loss.update(w_q2i=0.0, w_t2i=1.0, w_t2modal=0.5)
+    config.model.update(item_fusion=TEXT_QUERY_FUSION, text_query_encoder="own")
+    config.data.mosaic_prob = 0.0
   return config
+
+
+# The text_query stage's default item side: the best multimodal fusion measured
+# (docs/results_text_queries.md).
+TEXT_QUERY_FUSION = "tiger"
 
 
 # Allowed values of the keys with a fixed set, owned by the modules that read them.
@@ -361,6 +383,39 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
   return config
 
 
+def _text_query_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """What stops `config` from training its query kinds with its item side."""
+  model, loss = config.model, config.loss
+  text_terms = [f"loss.w_{t}" for t in ("t2i", "t2modal") if loss[f"w_{t}"] > 0]
+  image_terms = [f"loss.w_{t}" for t in ("q2i", "v2t", "i2v", "sdd", "srd", "spatial_map")
+                 if loss[f"w_{t}"] > 0]
+  problems = []
+  if text_terms and model.text_query_encoder == "none":
+    problems.append(f"config.{text_terms[0]} > 0 needs a text query tower: set "
+                    "config.model.text_query_encoder to 'own' or 'title'")
+  if config.stage == "text_query":
+    if not text_terms:
+      problems.append("config.stage='text_query' trains text queries: set "
+                      "config.loss.w_t2i > 0")
+    if image_terms:
+      problems.append(f"config.stage='text_query' trains text queries only: "
+                      f"{', '.join('config.' + t for t in image_terms)} must be 0 (for "
+                      "both query kinds, train configs/joint.py)")
+  elif model.item_fusion != "tiger":
+    problems.append(f"config.model.item_fusion={model.item_fusion!r}: the "
+                    f"{config.stage!r} stage trains image queries, which need the TIGER-FG "
+                    "item tower ('tiger'; config.model.mode picks its pooling)")
+  if (model.text_query_encoder == "title"
+      and model.max_query_len > model.max_title_len):
+    problems.append(f"config.model.max_query_len={model.max_query_len} > max_title_len="
+                    f"{model.max_title_len}: text_query_encoder='title' reuses the title "
+                    "encoder, whose positions stop there")
+  if model.text_query_encoder == "title" and model.item_fusion == "image":
+    problems.append("config.model.text_query_encoder='title' reuses the item tower's title "
+                    "encoder, and item_fusion='image' has none: use 'own'")
+  return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming every bad key before any work is done."""
   if config.get("stage") not in STAGES or config.get("preset") not in PRESETS:
@@ -380,6 +435,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in [k for k in config.loss if k.startswith("w_")]:
     if config.loss[key] < 0:
       problems.append(f"config.loss.{key}={config.loss[key]}: weights must be >= 0")
+  problems += _text_query_problems(config)
   if not 0 <= config.loss.hard_negatives < config.train.batch_size:
     problems.append(f"config.loss.hard_negatives={config.loss.hard_negatives}: expected "
                     f"0 <= K < train.batch_size={config.train.batch_size}")

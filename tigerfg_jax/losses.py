@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tigerfg_jax.models.towers import l2_normalize
+from tigerfg_jax.models.normalize import l2_normalize
 
 # `config.loss.spatial_target`: what the student's attention map is pulled towards,
 # the ground-truth box's patch coverage or the privileged teacher's attention.

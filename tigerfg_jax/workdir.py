@@ -216,18 +216,18 @@ def load_tokenizer(workdir: str) -> TitleTokenizer:
 
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: str,
-                  train_titles: list[str], teacher_dir: str | None) -> TitleTokenizer:
+                  train_texts: list[str], teacher_dir: str | None) -> TitleTokenizer:
   """The run's title tokenizer (`write_run_files` saves it).
 
   A distilled run takes its teacher's (token ids must agree); a resumed run its own;
-  a new run `data.tokenizer` or one trained on the train titles
-  (`data.tokenizer.build_tokenizer`).
+  a new run `data.tokenizer` or one trained on `train_texts` (the train titles, and
+  text queries; `data.tokenizer.build_tokenizer`).
   """
   if teacher_dir is not None:
     return load_tokenizer(teacher_dir)
   if runpath.path(workdir, TOKENIZER_FILE).exists():
     return load_tokenizer(workdir)
-  return build_tokenizer(config.data, train_titles)
+  return build_tokenizer(config.data, train_texts)
 
 
 # ------------------------------------------------------------------ checkpoints ---

@@ -3,6 +3,8 @@
   <root>/<split>/items.jsonl    {"item_id": str, "image": path, "title": str}
   <root>/<split>/queries.jsonl  {"query_id": str, "image": path, "item_ids": [str, ...],
                                  "box": [x0, y0, x1, y1] | null}
+  <root>/<split>/text_queries.jsonl  (optional) {"query_id": str, "text": str,
+                                 "item_ids": [str, ...]}: typed queries, their relevant items
 
 Image paths are relative to the split folder. `box` is the target's box in pixels of
 the image of `item_ids[0]` (continuous coordinates: 0 <= x0 < x1 <= width). Every line
@@ -26,6 +28,7 @@ from PIL import Image
 
 ITEMS_FILE = "items.jsonl"
 QUERIES_FILE = "queries.jsonl"
+TEXT_QUERIES_FILE = "text_queries.jsonl"
 # Problems quoted in full in a DatasetError / skip report; the rest are counted.
 _MAX_LISTED = 20
 SKIP_BAD_FLAG = "--config.data.skip_bad=true"
@@ -61,13 +64,24 @@ class QueryRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextQueryRecord:
+  """One valid line of text_queries.jsonl; `positives` are the relevant item rows."""
+  row: int
+  query_id: str
+  text: str
+  positives: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class SplitRecords:
-  """A validated split: valid records in file order and the problems skipped."""
+  """A validated split: valid records in file order and the problems skipped;
+  `text_queries` is empty when the split has no text_queries.jsonl."""
   name: str
   directory: str
   items: list[ItemRecord]
   queries: list[QueryRecord]
   skipped: list[str]
+  text_queries: list[TextQueryRecord] = dataclasses.field(default_factory=list)
 
 
 def decode_rgb(data: bytes, draft_size: int | None = None) -> Image.Image:
@@ -193,6 +207,56 @@ def _read_items(split_dir: str,
   return items, seen
 
 
+def _new_query_id(obj: dict, where: str, seen: dict[str, int], number: int) -> str:
+  """obj['query_id'], a non-empty string not in `seen` (id -> line), which records it."""
+  query_id = _non_empty_string(obj, "query_id", where)
+  if query_id in seen:
+    raise ValueError(f"{where}: duplicate query_id {query_id!r} "
+                     f"(first on line {seen[query_id]})")
+  seen[query_id] = number
+  return query_id
+
+
+def _positive_rows(obj: dict, where: str, row_of: dict[str, int],
+                   item_lines: dict[str, int], skip_bad: bool) -> tuple[int, ...]:
+  """The item rows of `obj['item_ids']`: a non-empty list of distinct valid item ids."""
+  ids = obj.get("item_ids")
+  if (not isinstance(ids, list) or not ids or
+      not all(isinstance(i, str) and i for i in ids)):
+    raise ValueError(f"{where}: field 'item_ids' must be a non-empty list of item_id "
+                     f"strings, got {ids!r}")
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"{where}: field 'item_ids' lists an item twice: {ids!r}")
+  for i in ids:
+    if i not in row_of:
+      if i not in item_lines:
+        raise ValueError(f"{where}: item_id {i!r} is not in {ITEMS_FILE}")
+      state = "skipped" if skip_bad else f"see {ITEMS_FILE}:{item_lines[i]}"
+      raise ValueError(f"{where}: item_id {i!r} is invalid ({state})")
+  return tuple(row_of[i] for i in ids)
+
+
+def _read_text_queries(split_dir: str, items: list[ItemRecord], item_lines: dict[str, int],
+                       skip_bad: bool, problems: list[str]) -> list[TextQueryRecord]:
+  """The valid lines of the optional text_queries.jsonl ([] without the file)."""
+  path = os.path.join(split_dir, TEXT_QUERIES_FILE)
+  if not os.path.isfile(path):
+    return []
+  row_of = {item.item_id: item.row for item in items}
+  queries, seen = [], {}
+  for number, obj in _jsonl_objects(path, problems):
+    where = f"{path}:{number}"
+    try:
+      query_id = _new_query_id(obj, where, seen, number)
+      text = _non_empty_string(obj, "text", where).strip()
+      positives = _positive_rows(obj, where, row_of, item_lines, skip_bad)
+    except ValueError as e:
+      problems.append(str(e))
+      continue
+    queries.append(TextQueryRecord(len(queries), query_id, text, positives))
+  return queries
+
+
 def _read_queries(split_dir: str, items: list[ItemRecord], item_lines: dict[str, int],
                   skip_bad: bool, problems: list[str]) -> list[QueryRecord]:
   path = os.path.join(split_dir, QUERIES_FILE)
@@ -201,25 +265,8 @@ def _read_queries(split_dir: str, items: list[ItemRecord], item_lines: dict[str,
   for number, obj in _jsonl_objects(path, problems):
     where = f"{path}:{number}"
     try:
-      query_id = _non_empty_string(obj, "query_id", where)
-      if query_id in seen:
-        raise ValueError(f"{where}: duplicate query_id {query_id!r} "
-                         f"(first on line {seen[query_id]})")
-      seen[query_id] = number
-      ids = obj.get("item_ids")
-      if (not isinstance(ids, list) or not ids or
-          not all(isinstance(i, str) and i for i in ids)):
-        raise ValueError(f"{where}: field 'item_ids' must be a non-empty list of item_id "
-                         f"strings, got {ids!r}")
-      if len(set(ids)) != len(ids):
-        raise ValueError(f"{where}: field 'item_ids' lists an item twice: {ids!r}")
-      for i in ids:
-        if i not in row_of:
-          if i not in item_lines:
-            raise ValueError(f"{where}: item_id {i!r} is not in {ITEMS_FILE}")
-          state = "skipped" if skip_bad else f"see {ITEMS_FILE}:{item_lines[i]}"
-          raise ValueError(f"{where}: item_id {i!r} is invalid ({state})")
-      positives = tuple(row_of[i] for i in ids)
+      query_id = _new_query_id(obj, where, seen, number)
+      positives = _positive_rows(obj, where, row_of, item_lines, skip_bad)
       first = items[positives[0]]
       box = _box(obj.get("box"), first.width, first.height, where)
       image, _, _ = _image_size(split_dir, obj, where)
@@ -233,9 +280,11 @@ def _read_queries(split_dir: str, items: list[ItemRecord], item_lines: dict[str,
 def _empty_files(split_dir: str) -> list[str]:
   """One line per missing or empty (blank) jsonl file of the split."""
   problems = []
-  for name in (ITEMS_FILE, QUERIES_FILE):
+  for name in (ITEMS_FILE, QUERIES_FILE, TEXT_QUERIES_FILE):
     path = os.path.join(split_dir, name)
     if not os.path.isfile(path):
+      if name == TEXT_QUERIES_FILE:  # optional.
+        continue
       problems.append(f"{path}: missing; a split folder needs {ITEMS_FILE} and "
                       f"{QUERIES_FILE} (docs/DATA.md)")
       continue
@@ -262,7 +311,9 @@ def scan_split(root: str, split: str, *, skip_bad: bool = False
   problems = []
   items, item_lines = _read_items(split_dir, problems)
   queries = _read_queries(split_dir, items, item_lines, skip_bad, problems)
-  records = SplitRecords(split, split_dir, items, queries, problems if skip_bad else [])
+  text_queries = _read_text_queries(split_dir, items, item_lines, skip_bad, problems)
+  records = SplitRecords(split, split_dir, items, queries, problems if skip_bad else [],
+                         text_queries)
   return records, problems
 
 

@@ -48,7 +48,7 @@ from PIL import Image
 from tigerfg_jax.data import augment, folder
 
 # Bump when the record layout or metadata change, so old cache entries are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _METADATA = "metadata.json"
 
 
@@ -184,7 +184,7 @@ def fingerprint(split_dir: str, skip_bad: bool, item_size: int | None = None,
       stat = os.stat(path)
       relative = os.path.relpath(path, split_dir)
       digest.update(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-      if name in (folder.ITEMS_FILE, folder.QUERIES_FILE):
+      if name in (folder.ITEMS_FILE, folder.QUERIES_FILE, folder.TEXT_QUERIES_FILE):
         with open(path, "rb") as f:
           digest.update(hashlib.sha256(f.read()).digest())
   return digest.hexdigest()[:20]
@@ -252,6 +252,9 @@ def _build(records: folder.SplitRecords, entry: str, fp: str, item_size: int | N
       "query_ids": [q.query_id for q in records.queries],
       "query_positives": [list(q.positives) for q in records.queries],
       "query_boxes": [list(q.box) if q.box else None for q in records.queries],
+      "text_query_ids": [q.query_id for q in records.text_queries],
+      "text_queries": [q.text for q in records.text_queries],
+      "text_query_positives": [list(q.positives) for q in records.text_queries],
       "skipped": records.skipped, "record_of_row": {}, "shards": {},
       "stored_sizes": {"items": item_size, "queries": query_size},
   }

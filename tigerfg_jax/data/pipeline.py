@@ -49,6 +49,7 @@ import grain
 import numpy as np
 
 from tigerfg_jax.data import augment, folder, ingest, mosaic, spatial
+from tigerfg_jax.data import text_queries as text_queries_lib
 from tigerfg_jax.data import tokenizer as tokenizer_lib
 
 # Evaluation batches built concurrently: PIL releases the GIL while decoding and
@@ -65,7 +66,8 @@ class Split:
   `items[row]` / `queries[row]` read the ArrayRecord rows (dicts with encoded `image`
   bytes, stored at `item_store_size` / `query_store_size` when not None: see
   `ingest.stored_image`). `item_sizes` int64 [num_items, 2] are the item files' width,
-  height; `query_positives[q]` are item rows; `query_boxes[q]` is in pixels of the file
+  height; `query_positives[q]` are item rows; `text_queries[t]` (texts, empty without
+  text_queries.jsonl) are relevant to the item rows `text_query_positives[t]`; `query_boxes[q]` is in pixels of the file
   of item `query_positives[q][0]` (or None). `item_groups` int32 [num_items].
   """
   name: str
@@ -81,6 +83,9 @@ class Split:
   skipped: list[str]
   item_store_size: int | None = None
   query_store_size: int | None = None
+  text_query_ids: list[str] = dataclasses.field(default_factory=list)
+  text_queries: list[str] = dataclasses.field(default_factory=list)
+  text_query_positives: list[list[int]] = dataclasses.field(default_factory=list)
 
   @property
   def num_items(self) -> int:
@@ -138,6 +143,9 @@ def load_split(root: str, split: str, *, cache_dir: str | None = None,
       skipped=meta["skipped"],
       item_store_size=meta["stored_sizes"]["items"],
       query_store_size=meta["stored_sizes"]["queries"],
+      text_query_ids=meta["text_query_ids"],
+      text_queries=meta["text_queries"],
+      text_query_positives=meta["text_query_positives"],
   )
 
 
@@ -217,6 +225,7 @@ class _TrainUnit:
   target_crops: bool
   batch_size: int
   layout_seed: int
+  text: text_queries_lib.TextQueryTable | None = None
 
   def num_mosaics(self, batch_index: int) -> int:
     """Mosaic units in batch `batch_index`; on average they put mosaic_prob *
@@ -332,6 +341,8 @@ class _TrainUnit:
     }
     if target_image is not None:
       batch["target_image"] = target_image
+    if self.text is not None:
+      batch.update(self.text.sample(item_rows, rng))
     return batch
 
 
@@ -408,11 +419,13 @@ class TrainIterator:
 def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
                 batch_size: int, patch_size: int, max_title_len: int, seed: int,
                 process_index: int = 0, process_count: int = 1,
-                target_crops: bool = False) -> tuple[grain.MapDataset, int]:
+                target_crops: bool = False, text_queries: bool = False,
+                max_query_len: int = 0) -> tuple[grain.MapDataset, int]:
   """This process's training units and how many make a batch.
 
   Units: a random-access grain MapDataset of dicts with the batch keys of
-  docs/ARCHITECTURE.md (`target_image` only with `target_crops`) and a leading dimension
+  docs/ARCHITECTURE.md (`target_image` only with `target_crops`; the text-query keys of
+  `text_queries.TextQueryTable.sample` only with `text_queries`) and a leading dimension
   of at most `data.mosaic_max_products` examples; U consecutive units (from a multiple
   of U) make a batch of `batch_size // process_count`. A unit is what a worker builds in
   one call.
@@ -434,7 +447,10 @@ def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_conf
       grid=spatial.grid_size(data_config.item_image_size, patch_size),
       mosaic_prob=data_config.mosaic_prob, max_products=data_config.mosaic_max_products,
       flip_and_jitter=not data_config.device_augment, target_crops=target_crops,
-      batch_size=local_batch, layout_seed=int(layout_seed))
+      batch_size=local_batch, layout_seed=int(layout_seed),
+      text=text_queries_lib.TextQueryTable.build(
+          split.text_queries, split.text_query_positives, split.num_items, tokenizer,
+          max_query_len) if text_queries else None)
   records = (grain.MapDataset.source(split.queries)
              .shuffle(seed=seed)
              .repeat()[process_index::process_count])
@@ -445,10 +461,13 @@ def train_units(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_conf
 def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_config, *,
                    batch_size: int, patch_size: int, max_title_len: int, seed: int,
                    process_index: int = 0, process_count: int = 1,
-                   target_crops: bool = False) -> TrainIterator:
+                   target_crops: bool = False, text_queries: bool = False,
+                   max_query_len: int = 0) -> TrainIterator:
   """Endless iterator of this process's training batches (`batch_size // process_count`).
 
   `target_crops`: add `target_image` (the privileged teacher's input; module docstring).
+  `text_queries`: add a text query per example, `max_query_len` tokens
+  (`data.text_queries`).
   Deterministic given `seed` (and the process index), whatever `data.worker_count`:
   units are built per example group in `worker_count(data.worker_count)` Grain worker
   processes (0: threads of this process) and batched here. See `TrainIterator` for the
@@ -457,7 +476,8 @@ def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_c
   units, units_per_batch = train_units(
       split, tokenizer, data_config, batch_size=batch_size, patch_size=patch_size,
       max_title_len=max_title_len, seed=seed, process_index=process_index,
-      process_count=process_count, target_crops=target_crops)
+      process_count=process_count, target_crops=target_crops, text_queries=text_queries,
+      max_query_len=max_query_len)
   return TrainIterator(units, units_per_batch, worker_count(data_config.worker_count))
 
 
@@ -524,4 +544,29 @@ def eval_query_batches(split: Split, data_config, *, batch_size: int) -> grain.I
   return (grain.MapDataset.source(split.queries)
           .batch(batch_size, batch_fn=list)
           .map(_EvalQueryBatch(data_config.query_image_size, batch_size))
+          .to_iter_dataset(_READ_OPTIONS))
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalTextBatch:
+  tokens: np.ndarray
+  mask: np.ndarray
+  batch_size: int
+
+  def __call__(self, rows: list[int]) -> dict[str, np.ndarray]:
+    batch = _padded([{"row": r} for r in rows], self.batch_size)
+    index = np.maximum(batch["index"], 0)
+    batch.update(text_tokens=np.where(batch["valid"][:, None], self.tokens[index], 0),
+                 text_mask=self.mask[index] & batch["valid"][:, None])
+    return batch
+
+
+def eval_text_query_batches(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, *,
+                            batch_size: int, max_query_len: int) -> grain.IterDataset:
+  """The split's text queries in file order: dicts with `text_tokens` int32 [B, Lq],
+  `text_mask` bool [B, Lq], `valid` bool [B], `index` int32 [B]. Re-iterable."""
+  tokens, mask = tokenizer.encode(split.text_queries, max_query_len)
+  return (grain.MapDataset.range(len(split.text_queries))
+          .batch(batch_size, batch_fn=list)
+          .map(_EvalTextBatch(tokens.astype(np.int32), mask, batch_size))
           .to_iter_dataset(_READ_OPTIONS))

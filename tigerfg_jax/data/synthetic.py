@@ -15,6 +15,8 @@ split (`train`, `eval_normal`, `eval_cluttered`) is its own catalog:
   contain B but whose title names A;
 * `train` holds both kinds of item images, half each.
 
+Every split also has typed queries (`text_queries.jsonl`, `synthetic_text`): attribute
+phrases, most naming the pattern the titles usually omit.
 Every item gets one query: the product rendered anew (scale, shift, rotation, blur,
 colour jitter, JPEG) whose `box` is the product's box in the item image. With
 `one_to_many=True` a product is listed by 1-3 items (other renderings and backgrounds,
@@ -45,6 +47,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from tigerfg_jax.data import synthetic_text
+
 SPLITS = ("train", "eval_normal", "eval_cluttered")
 
 COLOURS = {
@@ -66,6 +70,11 @@ PATTERNS = ("plain", "stripes", "dots", "checks")
 LISTING_WORDS = ("", "new", "classic")
 # How often a patterned product's title names the pattern (see Product.listing_title).
 TITLE_PATTERN_PROB = 0.25
+# The text queries' random stream (`[seed, split, _TEXT_STREAM]`): apart from the items'.
+_TEXT_STREAM = 1_000_000
+# Version of what a catalog holds; a catalog written by another version is not reused.
+# 2: text_queries.jsonl in every split.
+CATALOG_VERSION = 2
 # Cells per side of a cluttered image's layout (see write_catalog).
 CLUTTER_GRID = 2
 
@@ -377,7 +386,8 @@ def _item_id(split_name: str, index: int) -> str:
 def write_split(split_dir: str, *, seed: int, split_index: int, items: int, image_size: int,
                 cluttered_fraction: float, one_to_many: bool,
                 title_pattern_prob: float, clutter_grid: int = CLUTTER_GRID) -> None:
-  """Writes one split: items.jsonl, queries.jsonl, items/*.png, queries/*.jpg.
+  """Writes one split: items.jsonl, queries.jsonl, text_queries.jsonl, items/*.png,
+  queries/*.jpg.
 
   Ids start with the split folder's name, so they are unique across the splits.
   """
@@ -417,7 +427,11 @@ def write_split(split_dir: str, *, seed: int, split_index: int, items: int, imag
     positives = [item_id] + [_item_id(split_name, j) for j in items_of_product[p] if j != i]
     query_lines.append({"query_id": f"{split_name}-query-{i:05d}", "image": query_path,
                         "item_ids": positives, "box": box})
-  for name, lines in (("items.jsonl", item_lines), ("queries.jsonl", query_lines)):
+  text_lines = synthetic_text.text_queries(
+      split_name, products, product_of_item, [line["item_id"] for line in item_lines],
+      np.random.default_rng([seed, split_index, _TEXT_STREAM]))
+  for name, lines in (("items.jsonl", item_lines), ("queries.jsonl", query_lines),
+                      ("text_queries.jsonl", text_lines)):
     with open(os.path.join(split_dir, name), "w", encoding="utf-8") as f:
       f.writelines(json.dumps(line) + "\n" for line in lines)
 
@@ -528,6 +542,7 @@ def _existing_catalog(root: str, wanted: dict) -> bool:
   if os.path.exists(marker):
     with open(marker, encoding="utf-8") as f:
       written = resolved_params(json.load(f))
+    written.setdefault("version", 1)  # written before versions were recorded.
     if written != wanted:
       old, new = _differences(written, wanted)
       raise CatalogError(f"{root} holds a synthetic catalog written with {old}, not {new}; "
@@ -551,7 +566,7 @@ def write_catalog_once(root: str, **params) -> str:
   function, is refused (CatalogError), never replaced: it may be the data an existing
   run, its cache and its exports were made from. Returns `root`.
   """
-  wanted = resolved_params(params)
+  wanted = dict(resolved_params(params), version=CATALOG_VERSION)
   problems = check_params(**{k: wanted[k] for k in ("seed", "items", "image_size", "eval_items",
                                                     "clutter_grid", "title_pattern_prob")})
   if problems:

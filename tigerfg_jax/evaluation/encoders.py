@@ -33,6 +33,16 @@ def make_embed_fns(model: towers.TigerFG,
   return jax.jit(embed_query, out_shardings=repl), jax.jit(embed_item, out_shardings=repl)
 
 
+def make_text_embed_fn(model: towers.TigerFG, mesh: jax.sharding.Mesh) -> Callable:
+  """Jitted `(params, text_tokens int32 [B, Lq], text_mask bool [B, Lq]) -> [B, E']`,
+  the text query tower (E' = 2E for the 'smar' fusion's gated query)."""
+  def embed_text(params, text_tokens, text_mask):
+    return model.apply({"params": params}, text_tokens, text_mask,
+                       method=towers.TigerFG.embed_text_query)
+
+  return jax.jit(embed_text, out_shardings=sharding.replicated(mesh))
+
+
 def mesh_placer(mesh: jax.sharding.Mesh) -> Callable[[dict[str, np.ndarray]], dict]:
   """Puts an eval batch every process holds in full on the mesh, rows over 'data'."""
   batch_sharding = sharding.batch_sharding(mesh)

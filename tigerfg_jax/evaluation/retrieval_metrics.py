@@ -1,4 +1,4 @@
-"""Retrieval metrics with several positives per query: Recall@k and mAP@k.
+"""Retrieval metrics with several positives per query: Recall@k, mAP@k and NDCG@k.
 
 Inputs are rankings of catalog rows (row indices, best first), one per query, and the
 set of positive rows of each query. All metrics are percentages in [0, 100].
@@ -9,6 +9,9 @@ set of positive rows of each query. All metrics are percentages in [0, 100].
           normaliser min(|P|, k) makes a ranking with all of its first k rows positive
           score 1 even when a query has more than k positives.
   mAP@k = 100 * mean over queries of AP@k.
+  NDCG@k = 100 * mean over queries of DCG@k / IDCG@k with binary relevance:
+          DCG@k = sum_{r=1..k} rel_r / log2(r + 1), and IDCG@k the DCG@k of a ranking
+          that puts min(|P|, k) positives first.
 
 Ties are whatever order the ranking gives: the metrics never look at scores. Use
 `rank_by_score` to rank a score matrix with a deterministic tie-break. A ranking
@@ -57,21 +60,31 @@ def _relevance(rows: np.ndarray, positives: Sequence[Iterable[int]]) -> tuple[
   return relevant, counts
 
 
+def _ndcg(relevant: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """float64 `[Q]` NDCG of binary relevance `[Q, k]` with `counts` positives each."""
+  discounts = 1.0 / np.log2(np.arange(2, relevant.shape[1] + 2))
+  dcg = (relevant * discounts).sum(axis=1)
+  ideal = np.cumsum(discounts)[np.minimum(counts, relevant.shape[1]) - 1]
+  return dcg / ideal
+
+
 def retrieval_metrics(ranked_item_rows: np.ndarray,
                       positives: Sequence[Iterable[int]],
                       ks: Sequence[int] = (1, 5, 10),
-                      map_k: int = 10) -> dict[str, float | int]:
-  """Recall@k for each k in `ks` and mAP@`map_k` (see the module docstring).
+                      map_k: int = 10,
+                      ndcg_k: int | None = None) -> dict[str, float | int]:
+  """Recall@k for each k in `ks`, mAP@`map_k` and NDCG@`ndcg_k` (module docstring).
 
   Args:
     ranked_item_rows: `[Q, K]` int catalog rows per query, best first (-1 = none).
     positives: Q collections of positive catalog rows (sets or lists).
     ks: the k of each `R@k`.
     map_k: the k of `mAP@k`.
+    ndcg_k: the k of `NDCG@k` (None: not computed).
 
   Returns:
     `{'R@1': %, 'R@5': %, 'R@10': %, 'mAP@10': %, 'num_queries': Q}` (keys follow
-    `ks` and `map_k`).
+    `ks` and `map_k`; with `ndcg_k` also `'NDCG@<ndcg_k>'`).
   """
   rows = np.asarray(ranked_item_rows)
   if rows.ndim != 2 or rows.dtype.kind not in "iu":
@@ -80,8 +93,9 @@ def retrieval_metrics(ranked_item_rows: np.ndarray,
   if len(positives) != len(rows):
     raise ValueError(f"positives: expected one collection per query ({len(rows)}), "
                      f"got {len(positives)}")
-  if any(k < 1 for k in (*ks, map_k)):
-    raise ValueError(f"ks={tuple(ks)}, map_k={map_k}: every k must be >= 1")
+  if any(k < 1 for k in (*ks, map_k, ndcg_k or 1)):
+    raise ValueError(f"ks={tuple(ks)}, map_k={map_k}, ndcg_k={ndcg_k}: every k must "
+                     "be >= 1")
   relevant, counts = _relevance(rows, positives)
   results: dict[str, float | int] = {}
   for k in ks:
@@ -92,5 +106,8 @@ def retrieval_metrics(ranked_item_rows: np.ndarray,
   average_precision = ((precision_at_rank * top).sum(axis=1)
                        / np.minimum(counts, map_k))
   results[f"mAP@{map_k}"] = 100.0 * float(average_precision.mean()) if len(rows) else 0.0
+  if ndcg_k is not None:
+    results[f"NDCG@{ndcg_k}"] = 100.0 * float(_ndcg(relevant[:, :ndcg_k], counts).mean()
+                                              ) if len(rows) else 0.0
   results["num_queries"] = len(rows)
   return results

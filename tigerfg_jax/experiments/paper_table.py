@@ -150,7 +150,8 @@ def row_config(row: Row, *, preset: str, seed: int, data_root: str,
   base = steps if steps is not None else config_lib.PRESETS[preset].steps
   config_lib.set_steps(config.train, base * (2 if row.equal_compute else 1))
   # The same features pooled from the true box, beside the deployed numbers.
-  config.evals.box_oracle.at_end = config.model.mode == "tiger"
+  config.evals.box_oracle.at_end = (config.model.mode == "tiger"
+                                    and config.stage != "text_query")
   return config
 
 
@@ -339,6 +340,46 @@ def command_line(*, workdir: str, preset: str, seeds: Sequence[int], rows: Seque
   return " ".join(parts)
 
 
+def _shown_image_r1(results: dict[str, dict[str, Any]]) -> str:
+  return ", ".join(f"{s} R@1={results[s]['R@1']:.2f}" for s in TABLE_SPLITS)
+
+
+def train_rows(workdir: str, todo: Sequence[Row], rows_by_key: dict[str, Row],
+               seeds: Sequence[int], roots: dict[str, str], *, preset: str,
+               steps: int | None, shown) -> dict[str, dict[str, Any]]:
+  """Trains (or reuses) every row x seed of `todo`, seed by seed; returns the entries.
+
+  `rows_by_key` finds each row's teacher; `roots` the dataset root of each catalog
+  name; `shown(results) -> str` is the progress line's summary of a finished run.
+  """
+  entries = {row.key: {"key": row.key, "label": row.label, "config": f"configs/{row.config_file}",
+                       "overrides": row.overrides, "catalog": row.catalog,
+                       "teacher": row.teacher, "in_table": row.in_table, "runs": {}}
+             for row in todo}
+  total = len(todo) * len(seeds)
+  count = 0
+  for seed in seeds:
+    for row in todo:
+      count += 1
+      directory = run_dir(workdir, row, seed)
+      prefix = f"[{count}/{total}] {row.key} seed={seed}"
+      results = read_results(directory)
+      if results is None:
+        print(f"{prefix}: training in {directory}", flush=True)
+        teacher_dir = (run_dir(workdir, rows_by_key[row.teacher], seed) if row.teacher
+                       else None)
+        config = row_config(row, preset=preset, seed=seed, data_root=roots[row.catalog],
+                            teacher_dir=teacher_dir, steps=steps)
+        results = train_row(config, directory)
+      else:
+        print(f"{prefix}: finished earlier, reusing {directory}/eval/results.json", flush=True)
+      print(f"{prefix}: {shown(results)}", flush=True)
+      entries[row.key]["runs"][str(seed)] = {"workdir": directory, "results": results,
+                                             "box_oracle": read_box_oracle(directory),
+                                             "wall_s": _read_wall_time(directory)}
+  return entries
+
+
 # ------------------------------------------------------------------------ table ---
 
 def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 1, 2),
@@ -366,32 +407,9 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
                                               **params)
            for name, params in catalogs.items()}
 
-  entries = {row.key: {"key": row.key, "label": row.label, "config": f"configs/{row.config_file}",
-                       "overrides": row.overrides, "catalog": row.catalog,
-                       "teacher": row.teacher, "in_table": row.in_table, "runs": {}}
-             for row in todo}
+  entries = train_rows(workdir, todo, ROWS_BY_KEY, seeds, roots, preset=preset,
+                       steps=steps, shown=_shown_image_r1)
   total = len(todo) * len(seeds)
-  count = 0
-  for seed in seeds:
-    for row in todo:
-      count += 1
-      directory = run_dir(workdir, row, seed)
-      prefix = f"[{count}/{total}] {row.key} seed={seed}"
-      results = read_results(directory)
-      if results is None:
-        print(f"{prefix}: training in {directory}", flush=True)
-        teacher_dir = run_dir(workdir, ROWS_BY_KEY[row.teacher], seed) if row.teacher else None
-        config = row_config(row, preset=preset, seed=seed, data_root=roots[row.catalog],
-                            teacher_dir=teacher_dir, steps=steps)
-        results = train_row(config, directory)
-      else:
-        print(f"{prefix}: finished earlier, reusing {directory}/eval/results.json", flush=True)
-      shown = ", ".join(f"{s} R@1={results[s]['R@1']:.2f}" for s in TABLE_SPLITS)
-      print(f"{prefix}: {shown}", flush=True)
-      entries[row.key]["runs"][str(seed)] = {"workdir": directory, "results": results,
-                                             "box_oracle": read_box_oracle(directory),
-                                             "wall_s": _read_wall_time(directory)}
-
   run_walls = [run["wall_s"] for entry in entries.values() for run in entry["runs"].values()
                if run["wall_s"] is not None]
   json_path = os.path.splitext(out)[0] + ".json"

@@ -26,12 +26,18 @@ def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str,
   """A zero training batch in the batch contract (docs/ARCHITECTURE.md "Batches").
 
   Used to trace `model.init` / `jax.eval_shape`; every array has its real dtype and
-  the shape the config gives, with a batch of `batch_size`.
+  the shape the config gives, with a batch of `batch_size`; `text_tokens` /
+  `text_mask` when the model has a text query tower.
   """
   item, query = config.data.item_image_size, config.data.query_image_size
   num_patches = (item // config.model.patch_size) ** 2
   length = config.model.max_title_len
+  text = {}
+  if config.model.text_query_encoder != "none":
+    text = {"text_tokens": jnp.zeros((batch_size, config.model.max_query_len), jnp.int32),
+            "text_mask": jnp.ones((batch_size, config.model.max_query_len), bool)}
   return {
+      **text,
       "query_image": jnp.zeros((batch_size, query, query, 3), jnp.uint8),
       "item_image": jnp.zeros((batch_size, item, item, 3), jnp.uint8),
       "title_tokens": jnp.zeros((batch_size, length), jnp.int32),

@@ -5,7 +5,11 @@ Parameter tree of `TigerFG` (what `summary` and `convert` rely on):
   item_vision/     the item tower's own ViT (only when not `share_vision`).
   query_tower/     `projection` (+ `map_head` when `query_pool='map'`).
   item_tower/      `text_encoder`, `pooling` (TextGuidedPooling, or a MAPHead in
-                   'clip_style'), `merge_norm` + `merge_mlp` ('tiger'), `projection`.
+                   'clip_style'), `merge_norm` + `merge_mlp` ('tiger'), `projection`;
+                   another item fusion's own layers (models/fusion.py).
+  text_query_encoder/, text_query_projection/, text_query_gate/
+                   the text query tower (only with `text_query_encoder` 'own'; the
+                   gate only for 'smar'; 'title' reuses item_tower/text_encoder).
   log_temperature  scalar.
 
 Query and item images may differ in size, also with one shared ViT: its position table
@@ -23,9 +27,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tigerfg_jax.models import partitioning, pooling, text, transformer, vision
+from tigerfg_jax.models import fusion, partitioning, pooling, text, transformer, vision
+from tigerfg_jax.models.normalize import l2_normalize, normalize_pixels
 
 MODES = ("tiger", "clip_style")
+# `config.model.item_fusion`: the item side ('tiger' and 'concat' are `ItemTower`s, the
+# others `fusion.FusionItemTower`s; docs/ARCHITECTURE.md "Text queries").
+ITEM_FUSIONS = ("tiger", "concat", *fusion.FUSIONS)
+# `config.model.text_query_encoder`: no text query tower | the item tower's title
+# encoder (shared parameters) | an encoder of its own.
+TEXT_QUERY_ENCODERS = ("none", "title", "own")
 QUERY_POOLS = ("cls", "map")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The allowed values of each `config.model` key that has a fixed set (config_lib
@@ -38,21 +49,9 @@ CHOICES = {
     "text_pool": text.POOLS,
     "attention": transformer.ATTENTION_KINDS,
     "remat": transformer.REMAT_POLICIES,
+    "item_fusion": ITEM_FUSIONS,
+    "text_query_encoder": TEXT_QUERY_ENCODERS,
 }
-
-
-def normalize_pixels(images: jax.Array, mean: Sequence[float], std: Sequence[float],
-                     dtype: Any) -> jax.Array:
-  """uint8 or float 0..255 `[B, S, S, 3]` -> `(x - mean) / std` in dtype."""
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-  """float32 `[B, E]` rows of unit L2 norm (a zero row stays zero)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 class QueryTower(nn.Module):
@@ -247,17 +246,36 @@ class TigerFG(nn.Module):
         vision=self.vision, num_registers=c.num_registers, query_pool=c.query_pool,
         embed_dim=c.embed_dim, map_heads=c.pooling_heads,
         map_mlp_dim=c.pooling_mlp_dim, dtype=dtype, **pixels)
-    self.item_tower = ItemTower(
-        vision=self.vision if c.share_vision else self.item_vision,
-        text_variant=c.text_variant, vocab_size=c.vocab_size,
-        max_title_len=c.max_title_len, text_causal=c.text_causal,
-        text_pool=c.text_pool, text_proj_dim=c.text_proj_dim,
-        mlp_activation=c.mlp_activation, norm_eps=c.norm_eps,
-        attention=c.attention, remat=c.remat, mode=c.mode,
-        num_registers=c.num_registers,
-        pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
-        pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype,
-        **pixels)
+    item_vision = self.vision if c.share_vision else self.item_vision
+    text_encoder = dict(variant=c.text_variant, vocab_size=c.vocab_size,
+                        max_len=c.max_title_len, causal=c.text_causal, pool=c.text_pool,
+                        proj_dim=c.text_proj_dim, activation=c.mlp_activation,
+                        norm_eps=c.norm_eps, attention=c.attention, remat=c.remat)
+    if c.item_fusion in fusion.FUSIONS:
+      self.item_tower = fusion.FusionItemTower(
+          fusion=c.item_fusion, vision=item_vision, text_encoder_kwargs=text_encoder,
+          num_registers=c.num_registers, num_heads=c.pooling_heads,
+          mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype, **pixels)
+    else:
+      self.item_tower = ItemTower(
+          vision=item_vision, text_variant=c.text_variant, vocab_size=c.vocab_size,
+          max_title_len=c.max_title_len, text_causal=c.text_causal,
+          text_pool=c.text_pool, text_proj_dim=c.text_proj_dim,
+          mlp_activation=c.mlp_activation, norm_eps=c.norm_eps,
+          attention=c.attention, remat=c.remat,
+          mode="clip_style" if c.item_fusion == "concat" else c.mode,
+          num_registers=c.num_registers,
+          pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
+          pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype,
+          **pixels)
+    if c.text_query_encoder == "own":
+      self.text_query_encoder = text.TextEncoder(
+          **dict(text_encoder, max_len=c.max_query_len), dtype=dtype)
+    if c.text_query_encoder != "none":
+      self.text_query_projection = partitioning.dense(c.embed_dim, ("embed", "proj"),
+                                                      dtype=dtype)
+    if c.text_query_encoder != "none" and c.item_fusion == "smar":
+      self.text_query_gate = partitioning.dense(1, ("embed", None), dtype=dtype)
     self.log_temperature = self.param(
         "log_temperature",
         partitioning.init(nn.initializers.constant(math.log(c.temperature_init)), ()),
@@ -271,6 +289,24 @@ class TigerFG(nn.Module):
     """uint8 `[B, Sq, Sq, 3]` -> float32 `[B, E]`, L2-normalised."""
     return self.query_tower(query_image)
 
+  def embed_text_query(self, text_tokens: jax.Array, text_mask: jax.Array,
+                       with_unit: bool = False):
+    """int32 `[B, Lq]`, bool `[B, Lq]` -> float32 `[B, E']`: the searched text query.
+
+    The query's pooled text -> Dense(E) -> L2 is `q`; with the 'smar' fusion the
+    searched vector is `fusion.gated_query(q, sigmoid(Dense(1)(q)))` `[B, 2E]`, else
+    `q`. `with_unit`: returns `(searched, q)`.
+    """
+    encoder = (self.text_query_encoder if self.config.text_query_encoder == "own"
+               else self.item_tower.text_encoder)
+    _, pooled = encoder(text_tokens, text_mask)
+    unit = l2_normalize(self.text_query_projection(pooled))
+    searched = unit
+    if self.config.item_fusion == "smar":
+      gate = jax.nn.sigmoid(self.text_query_gate(unit).astype(jnp.float32))
+      searched = fusion.gated_query(unit, gate)
+    return (searched, unit) if with_unit else searched
+
   def embed_item(self, item_image: jax.Array, title_tokens: jax.Array,
                  title_mask: jax.Array, region_mask: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -283,8 +319,10 @@ class TigerFG(nn.Module):
     """Both towers on a training batch.
 
     Args:
-      batch: `query_image`, `item_image` uint8, `title_tokens` int32 `[B, L]`,
-        `title_mask` bool `[B, L]` (docs/ARCHITECTURE.md).
+      batch: `query_image` (optional: without it no `query_emb`), `item_image`
+        uint8, `title_tokens` int32 `[B, L]`, `title_mask` bool `[B, L]`, optionally
+        `text_tokens` int32 `[B, Lq]` and `text_mask` bool `[B, Lq]`
+        (docs/ARCHITECTURE.md).
       region_mask: bool `[B, N]` or None; the item pooling reads only these patches.
       swap_titles: K: also pool each item under K other titles of the batch
         (`swap_partners`), the title-swap hard negatives.
@@ -295,14 +333,22 @@ class TigerFG(nn.Module):
       dict: `query_emb`, `item_emb` float32 `[B, E]`; `attention` float32
       `[B, H, N]`; `item_patches` `[B, N, D]`; `region_emb`, `title_emb` float32
       `[B, E]`; `swap_emb` float32 `[B, K, E]` (only with K > 0); `temperature` float32
-      scalar.
+      scalar. Other item fusions: `item_emb` `[B, E']` and their aux
+      (`fusion.FusionItemTower`). With text queries and a text query tower:
+      `text_query_emb` `[B, E']` (searched) and `text_query_unit` `[B, E]`.
     """
     del train
     item_emb, aux = self.item_tower(batch["item_image"], batch["title_tokens"],
                                     batch["title_mask"], region_mask, swap_titles)
-    outputs = dict(query_emb=self.embed_query(batch["query_image"]), item_emb=item_emb,
-                   item_patches=aux.pop("patches"), temperature=self.temperature())
+    outputs = dict(item_emb=item_emb, temperature=self.temperature())
+    if "query_image" in batch:
+      outputs["query_emb"] = self.embed_query(batch["query_image"])
+    if "patches" in aux:
+      outputs["item_patches"] = aux.pop("patches")
     outputs.update(aux)
+    if "text_tokens" in batch and self.config.text_query_encoder != "none":
+      outputs["text_query_emb"], outputs["text_query_unit"] = self.embed_text_query(
+          batch["text_tokens"], batch["text_mask"], with_unit=True)
     return outputs
 
 

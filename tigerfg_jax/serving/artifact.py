@@ -6,9 +6,12 @@ baked in), so no model code (`tigerfg_jax.models`, flax) is imported here.
 
   EXPORT/
     manifest.json          format, versions, creation time, sha256 + size of every file
-    query_encoder.jax      uint8 [b, Sq, Sq, 3] -> float32 [b, E] (L2-normalised)
     item_encoder.jax       uint8 [b, Si, Si, 3], int32 [b, L], bool [b, L] -> [b, E]
-    preprocessing.json     image sizes, max title length, E, the catalog split
+    query_encoder.jax      uint8 [b, Sq, Sq, 3] -> float32 [b, E] (image queries; not
+                           in a text_query-stage export)
+    text_query_encoder.jax int32 [b, Lq], bool [b, Lq] -> float32 [b, E] (text queries;
+                           when the model has a text query tower)
+    preprocessing.json     image sizes, max title / query length, E, the catalog split
     tokenizer.json         the run's title tokenizer
     config.json            the run's full experiment config (for the record)
     catalog.jsonl          {"item_id", "title"} per catalog row, in index row order
@@ -21,7 +24,11 @@ inside the encoders.
 ```python
 model = artifact.load("EXPORT")                    # verifies every checksum first
 ids, scores = model.search(model.load_images(["q.jpg"], "query"), k=10)  # [1, 10]
+ids, scores = model.search_text(["red mug with blue stripes"], k=10)     # [1, 10]
 ```
+
+E is the item embedding's width: 2 x config.model.embed_dim for the 'smar' fusion (its
+item vector is [multimodal, text] and its query vector the gated [a q, (1 - a) q]).
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUERY_ENCODER = "query_encoder.jax"
 ITEM_ENCODER = "item_encoder.jax"
+TEXT_QUERY_ENCODER = "text_query_encoder.jax"
+QUERY_ENCODERS = (QUERY_ENCODER, TEXT_QUERY_ENCODER)
 PREPROCESSING = "preprocessing.json"
 TOKENIZER = tokenizer_lib.FILE_NAME
 CATALOG = "catalog.jsonl"
@@ -130,11 +139,13 @@ def verify(export_dir: str) -> dict[str, Any]:
       or not isinstance(manifest.get("files"), dict)):
     raise ExportError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION} "
                       "with a 'files' table")
-  required = (QUERY_ENCODER, ITEM_ENCODER, PREPROCESSING, TOKENIZER, CATALOG,
+  required = (ITEM_ENCODER, PREPROCESSING, TOKENIZER, CATALOG,
               os.path.join(INDEX_DIR, index_lib.base.MANIFEST))
   for relative in required:
     if relative not in manifest["files"]:
       raise ExportError(f"{path}: does not list {relative}, which every export has")
+  if not any(name in manifest["files"] for name in QUERY_ENCODERS):
+    raise ExportError(f"{path}: lists no query encoder (one of {QUERY_ENCODERS})")
   for relative, expected in manifest["files"].items():
     full = os.path.join(export_dir, relative)
     if not os.path.isfile(full):
@@ -224,12 +235,14 @@ def _run_batched(fn: Callable[..., jax.Array], inputs: Sequence[np.ndarray],
 
 
 class ExportedModel:
-  """An export loaded for serving: both encoders, the tokenizer and the catalog index.
+  """An export loaded for serving: the encoders, the tokenizer and the catalog index.
 
   Attributes:
     export_dir: where it was loaded from (`save_catalog` writes back there).
     manifest: the verified manifest.
     query_image_size, item_image_size, max_title_len, embed_dim: Sq, Si, L, E.
+    max_query_len: Lq, text query tokens (0 without a text query encoder).
+    query_kinds: the query kinds it answers, from 'image' and 'text'.
     tokenizer: the run's `TitleTokenizer`.
     index: the catalog's `tigerfg_jax.index.Index` (ids are item_id strings).
     item_ids, titles: `[M]` lists in index row order.
@@ -244,14 +257,23 @@ class ExportedModel:
     self.item_image_size = int(self.preprocessing["item_image_size"])
     self.max_title_len = int(self.preprocessing["max_title_len"])
     self.embed_dim = int(self.preprocessing["embed_dim"])
+    self.max_query_len = int(self.preprocessing.get("max_query_len", 0))
     self.tokenizer = TitleTokenizer.load(os.path.join(export_dir, TOKENIZER))
-    query = _load_encoder(os.path.join(export_dir, QUERY_ENCODER))
-    item = _load_encoder(os.path.join(export_dir, ITEM_ENCODER))
-    self._check_encoder(QUERY_ENCODER, query, [(self.query_image_size,) * 2 + (3,)])
-    self._check_encoder(ITEM_ENCODER, item, [(self.item_image_size,) * 2 + (3,),
-                                             (self.max_title_len,), (self.max_title_len,)])
-    self._query_fn = jax.jit(query.call)
-    self._item_fn = jax.jit(item.call)
+    inputs = {
+        ITEM_ENCODER: [(self.item_image_size,) * 2 + (3,), (self.max_title_len,),
+                       (self.max_title_len,)],
+        QUERY_ENCODER: [(self.query_image_size,) * 2 + (3,)],
+        TEXT_QUERY_ENCODER: [(self.max_query_len,), (self.max_query_len,)],
+    }
+    self._fns = {}
+    for name, row_shapes in inputs.items():
+      if name in manifest["files"]:
+        encoder = _load_encoder(os.path.join(export_dir, name))
+        self._check_encoder(name, encoder, row_shapes)
+        self._fns[name] = jax.jit(encoder.call)
+    self.query_kinds = tuple(kind for kind, name in (("image", QUERY_ENCODER),
+                                                     ("text", TEXT_QUERY_ENCODER))
+                             if name in self._fns)
     self.item_ids, self.titles = _read_catalog(export_dir)
     self.index = index_lib.load(os.path.join(export_dir, INDEX_DIR))
     if list(self.index.ids) != self.item_ids:
@@ -268,11 +290,26 @@ class ExportedModel:
                         f"{out} per row do not match {PREPROCESSING} (expected "
                         f"{row_shapes} -> [({self.embed_dim},)])")
 
+  def _encoder(self, name: str, kind: str) -> Callable[..., jax.Array]:
+    if name not in self._fns:
+      raise ExportError(f"{self.export_dir} answers {' and '.join(self.query_kinds)} "
+                        f"queries, not {kind} queries (it has no {name})")
+    return self._fns[name]
+
   def embed_query(self, images: np.ndarray) -> np.ndarray:
     """uint8 `[b, Sq, Sq, 3]` -> float32 `[b, E]`, L2-normalised."""
+    fn = self._encoder(QUERY_ENCODER, "image")
     s = self.query_image_size
     images = _check_input("query images", images, np.uint8, (None, s, s, 3))
-    return _run_batched(self._query_fn, [images], self.embed_dim)
+    return _run_batched(fn, [images], self.embed_dim)
+
+  def embed_text_queries(self, texts: Sequence[str]) -> np.ndarray:
+    """Query strings -> float32 `[b, E]`, tokenized as the run's pipeline does."""
+    fn = self._encoder(TEXT_QUERY_ENCODER, "text")
+    if any(not isinstance(t, str) or not t.strip() for t in texts):
+      raise ValueError(f"text queries: expected non-empty strings, got {list(texts)!r}")
+    tokens, mask = self.tokenizer.encode(list(texts), self.max_query_len)
+    return _run_batched(fn, [tokens, mask], self.embed_dim)
 
   def embed_items(self, images: np.ndarray, title_tokens: np.ndarray,
                   title_mask: np.ndarray) -> np.ndarray:
@@ -282,7 +319,7 @@ class ExportedModel:
     b = len(images)
     title_tokens = _check_input("title tokens", title_tokens, np.int32, (b, length))
     title_mask = _check_input("title mask", title_mask, np.bool_, (b, length))
-    return _run_batched(self._item_fn, [images, title_tokens, title_mask],
+    return _run_batched(self._fns[ITEM_ENCODER], [images, title_tokens, title_mask],
                         self.embed_dim)
 
   def encode_titles(self, titles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -306,6 +343,10 @@ class ExportedModel:
     Best first; positions past the catalog's size hold '' and -inf.
     """
     return self.index.search(self.embed_query(images), k)
+
+  def search_text(self, texts: Sequence[str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Text queries `[b]` str -> item ids `[b, k]` str, scores `[b, k]` (as `search`)."""
+    return self.index.search(self.embed_text_queries(texts), k)
 
   def check_new_ids(self, item_ids: Sequence[str]) -> None:
     """Raises ValueError naming an id already in the catalog or given twice."""

@@ -4,7 +4,8 @@ r"""Exports a trained run for serving without the training code.
       [--split=eval_cluttered] [--data_root=ROOT] [--platforms=cpu,cuda,tpu]
 
 Restores the params of the latest checkpoint in DIR/checkpoints and writes EXPORT/ in
-the layout of `tigerfg_jax.serving.artifact` (which loads it): both towers serialized with
+the layout of `tigerfg_jax.serving.artifact` (which loads it): the encoders (item, image
+query and/or text query) serialized with
 `jax.export` (StableHLO, batch dimension symbolic, params baked in as constants,
 lowered for every platform in --platforms so an export made on a CPU host serves on
 GPU/TPU), the tokenizer, the config, the preprocessing parameters, and the catalog:
@@ -56,31 +57,33 @@ DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 
 def export_encoders(model: towers.TigerFG, params: Any, config: ml_collections.ConfigDict,
                     platforms: Sequence[str]) -> dict[str, jax_export.Exported]:
-  """`jax.export` modules of the query and item towers, by export file name.
+  """`jax.export` modules of the run's encoders, by export file name.
 
   The evaluator's embedding functions are exported on a one-device mesh with host
-  copies of `params`, which become constants of the module. Inputs: uint8
-  `[b, Sq, Sq, 3]` (query); uint8 `[b, Si, Si, 3]`, int32 `[b, L]`, bool `[b, L]`
-  (item), with `b` symbolic. Output: float32 `[b, E]`.
+  copies of `params`, which become constants of the module. The item encoder always:
+  uint8 `[b, Si, Si, 3]`, int32 `[b, L]`, bool `[b, L]` -> float32 `[b, E']`; the image
+  query encoder (uint8 `[b, Sq, Sq, 3]`) when the run trains image queries (not the
+  text_query stage); the text query encoder (int32 `[b, Lq]`, bool `[b, Lq]`) when the
+  model has one. `b` is symbolic; E' = 2E for the 'smar' fusion, else E.
   """
   one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
                                  sharding.MESH_AXES)
   embed_query, embed_item = encoders.make_embed_fns(model, one_device)
+  fns = {artifact.ITEM_ENCODER: (embed_item, retrieval.ITEM_KEYS)}
+  if config.stage != "text_query":
+    fns[artifact.QUERY_ENCODER] = (embed_query, retrieval.QUERY_KEYS)
+  if config.model.text_query_encoder != "none":
+    fns[artifact.TEXT_QUERY_ENCODER] = (encoders.make_text_embed_fn(model, one_device),
+                                        retrieval.TEXT_KEYS)
   host_params = jax.device_get(params)
-  embed_query = jax.jit(functools.partial(embed_query, host_params))
-  embed_item = jax.jit(functools.partial(embed_item, host_params))
   b, = jax_export.symbolic_shape("b")
   inputs = factory.dummy_batch(config, 1)
-
-  def symbolic(keys):
-    return [jax.ShapeDtypeStruct((b, *inputs[k].shape[1:]), inputs[k].dtype) for k in keys]
-
   return {
-      artifact.QUERY_ENCODER: jax_export.export(embed_query, platforms=platforms)(
-          *symbolic(retrieval.QUERY_KEYS)),
-      artifact.ITEM_ENCODER: jax_export.export(embed_item, platforms=platforms)(
-          *symbolic(retrieval.ITEM_KEYS)),
-  }
+      name: jax_export.export(jax.jit(functools.partial(fn, host_params)),
+                              platforms=platforms)(
+          *[jax.ShapeDtypeStruct((b, *inputs[k].shape[1:]), inputs[k].dtype)
+            for k in keys])
+      for name, (fn, keys) in fns.items()}
 
 
 def catalog_embeddings(model: towers.TigerFG, params: Any, tokenizer: TitleTokenizer,
@@ -164,7 +167,8 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
           "query_image_size": config.data.query_image_size,
           "item_image_size": config.data.item_image_size,
           "max_title_len": config.model.max_title_len,
-          "embed_dim": config.model.embed_dim,
+          "max_query_len": config.model.max_query_len,
+          "embed_dim": int(item_emb.shape[1]),
           "image_resize": "decode to RGB, squash to S x S, bilinear "
                           "(tigerfg_jax.data.augment.resize)",
           "pixel_normalisation": "inside the encoders (uint8 0..255 in)",
@@ -180,7 +184,7 @@ def export_run(workdir: str, out: str, *, split: str = DEFAULT_SPLIT,
         "versions": _versions(),
         "encoders": {"platforms": list(platforms),
                      "calling_convention_version":
-                         encoders[artifact.QUERY_ENCODER].calling_convention_version},
+                         encoders[artifact.ITEM_ENCODER].calling_convention_version},
     })
     os.rename(tmp, out)
   except BaseException:

@@ -1,6 +1,7 @@
-r"""Answers an image query from an export (see `tigerfg_jax.serving.artifact`).
+r"""Answers an image or text query from an export (see `tigerfg_jax.serving.artifact`).
 
   python -m tigerfg_jax.serving.search --export=EXPORT --image=PATH [--k=10]
+  python -m tigerfg_jax.serving.search --export=EXPORT --text="red striped mug" [--k=10]
   python -m tigerfg_jax.serving.search --export=EXPORT --items=SPLIT_FOLDER [--image=PATH]
 
 Prints one line per hit, best first: `rank item_id score title` (rank from 1, score the
@@ -10,7 +11,8 @@ cosine similarity). A catalog smaller than k gives fewer lines.
 by the folder validator, which also wants its queries.jsonl) to the export's catalog:
 they are embedded with the exported item encoder, added to the index, and the index,
 catalog.jsonl and manifest.json are rewritten. An item_id already in the catalog is an
-error. The search, if --image is given, runs on the updated catalog.
+error. The search, if --image or --text is given, runs on the updated catalog. --text
+needs an export with a text query encoder (a run with config.model.text_query_encoder).
 """
 
 from __future__ import annotations
@@ -55,31 +57,42 @@ def add_items(model: artifact.ExportedModel, split_dir: str) -> int:
   return len(records.items)
 
 
-def search_lines(model: artifact.ExportedModel, image_path: str, k: int) -> list[str]:
-  """`rank item_id score title` for each hit of the image at `image_path`."""
-  if k < 1:
-    raise ValueError(f"--k={k}: expected a positive number of hits")
-  ids, scores = model.search(model.load_images([image_path], "query"), k)
+def hit_lines(model: artifact.ExportedModel, ids: np.ndarray,
+              scores: np.ndarray) -> list[str]:
+  """`rank item_id score title` for each hit of one query's `[k]` ids and scores."""
   title_of = dict(zip(model.item_ids, model.titles))
   return [f"{rank} {item_id} {score:.6f} {title_of[item_id]}"
-          for rank, (item_id, score) in enumerate(zip(ids[0], scores[0]), start=1)
-          if item_id]
+          for rank, (item_id, score) in enumerate(zip(ids, scores), start=1) if item_id]
 
 
-def answer(export_dir: str, image: str | None, k: int, items: str | None) -> list[str]:
-  """The CLI's work: optionally add `items`, then the hit lines of `image` (if any)."""
+def search_lines(model: artifact.ExportedModel, image_path: str | None, k: int,
+                 text: str | None = None) -> list[str]:
+  """The hit lines of the image at `image_path` or of the query string `text`."""
+  if k < 1:
+    raise ValueError(f"--k={k}: expected a positive number of hits")
+  if text is not None:
+    ids, scores = model.search_text([text], k)
+  else:
+    ids, scores = model.search(model.load_images([image_path], "query"), k)
+  return hit_lines(model, ids[0], scores[0])
+
+
+def answer(export_dir: str, image: str | None, k: int, items: str | None,
+           text: str | None = None) -> list[str]:
+  """The CLI's work: optionally add `items`, then the hit lines of `image` or `text`."""
   model = artifact.load(export_dir)
   if items:
     added = add_items(model, items)
     print(f"added {added} items from {items}; the catalog has {len(model.item_ids)}",
           file=sys.stderr)
-  return search_lines(model, image, k) if image else []
+  return search_lines(model, image, k, text) if image or text is not None else []
 
 
 def define_flags() -> None:
   flags.DEFINE_string("export", None, "Export directory (tigerfg_jax.serving.export "
                       "--out).", required=True)
   flags.DEFINE_string("image", None, "Query image file.")
+  flags.DEFINE_string("text", None, "Query text, e.g. \"red mug with blue stripes\".")
   flags.DEFINE_integer("k", 10, "Hits to print.")
   flags.DEFINE_string("items", None, "Split folder whose items are added to the catalog.")
 
@@ -87,9 +100,12 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   cli.no_arguments(list(argv))
   args = flags.FLAGS
-  if not args.image and not args.items:
-    raise app.UsageError("give --image=PATH to search, --items=FOLDER to add items, or both")
-  for line in answer(args.export, args.image, args.k, args.items):
+  if args.image and args.text is not None:
+    raise app.UsageError("give --image or --text, not both")
+  if not args.image and args.text is None and not args.items:
+    raise app.UsageError("give --image=PATH or --text=QUERY to search, --items=FOLDER to "
+                         "add items, or both")
+  for line in answer(args.export, args.image, args.k, args.items, args.text):
     print(line)
 
 

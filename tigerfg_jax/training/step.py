@@ -39,8 +39,18 @@ class TrainState:
 
 
 # The objective's terms, as `metrics.jsonl` / TensorBoard name them; term t is weighted
-# by `config.loss.w_<t>` and computed only when that weight is > 0.
-LOSS_TERMS = ("q2i", "v2t", "i2v", "sdd", "srd", "spatial_map")
+# by `config.loss.w_<t>` and computed only when that weight is > 0. `t2i` and `t2modal`
+# are the text queries' (docs/ARCHITECTURE.md "Text queries").
+LOSS_TERMS = ("q2i", "v2t", "i2v", "sdd", "srd", "spatial_map", "t2i", "t2modal")
+# The terms that read the image query tower's embeddings.
+IMAGE_QUERY_TERMS = ("q2i", "i2v", "sdd")
+# The text terms; a batch carries text queries when one of them is active.
+TEXT_QUERY_TERMS = ("t2i", "t2modal")
+# The image-query objective's terms (configs/distill.py turns all of them on).
+IMAGE_TERMS = tuple(t for t in LOSS_TERMS if t not in TEXT_QUERY_TERMS)
+# The item's single-modality embeddings `t2modal` aligns the text query with (the
+# 'beyond_text' and 'smar' fusions return them).
+MODALITY_EMBEDDINGS = ("item_text_emb", "item_image_emb", "item_mm_emb")
 
 
 def region_mask(batch: dict[str, jax.Array]) -> jax.Array:
@@ -50,6 +60,16 @@ def region_mask(batch: dict[str, jax.Array]) -> jax.Array:
 
 def active_terms(loss_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(t for t in LOSS_TERMS if loss_config[f"w_{t}"] > 0)
+
+
+def uses_text_queries(loss_config: ml_collections.ConfigDict) -> bool:
+  """Whether the objective reads text queries (the batches must carry them)."""
+  return any(t in TEXT_QUERY_TERMS for t in active_terms(loss_config))
+
+
+def uses_image_queries(loss_config: ml_collections.ConfigDict) -> bool:
+  """Whether the objective reads the image query tower."""
+  return any(t in IMAGE_QUERY_TERMS for t in active_terms(loss_config))
 
 
 def teacher_views(loss_config: ml_collections.ConfigDict,
@@ -66,6 +86,15 @@ def teacher_views(loss_config: ml_collections.ConfigDict,
       crop="sdd" in terms or "i2v" in terms,
       full=(("spatial_map" in terms and loss_config.spatial_target == "teacher")
             or ("srd" in terms and not has_patch_teacher)))
+
+
+def text_positives(batch: dict[str, jax.Array]) -> jax.Array:
+  """bool `[B, B]`: row j's item is relevant to row i's text query (`text_relevant`
+  int32 `[B, P]` holds those item rows, `item_row` int32 `[B]` each row's item); False
+  on rows without a text query (`text_valid`)."""
+  listed = jnp.any(batch["text_relevant"][:, :, None] == batch["item_row"][None, None, :],
+                   axis=1)
+  return listed & batch["text_valid"][:, None]
 
 
 def same_title(batch: dict[str, jax.Array]) -> jax.Array:
@@ -98,8 +127,15 @@ def loss_terms(student: dict[str, jax.Array], teacher: dict[str, dict[str, jax.A
     teacher: the frozen views `teacher_views` asks for: `crop` (the teacher's
       `TigerFG.__call__` on the ground-truth crops), `full` (on the whole item image,
       pooling from the box) and/or `patches` (`[B, N, Dt]` patch-teacher tokens).
-    batch: the training batch (docs/ARCHITECTURE.md "Batches").
+    batch: the training batch (docs/ARCHITECTURE.md "Batches"; with `text_tokens`,
+      `text_mask`, `text_valid`, `text_relevant` and `item_row` when a text term is
+      active: `text_positives`).
     loss_config: `config.loss`.
+
+  `t2i` is the text query against the searched item embedding (SMAR: the gated one);
+  `t2modal` averages the text query's InfoNCE against each single-modality item
+  embedding the fusion returns (SMAR's multi-task alignment, Beyond Text's alignment
+  with the product text and image); fusions without them have no `t2modal` term.
   """
   terms = active_terms(loss_config)
   positives = batch["group"][:, None] == batch["group"][None, :]
@@ -131,6 +167,17 @@ def loss_terms(student: dict[str, jax.Array], teacher: dict[str, dict[str, jax.A
     out["srd"] = losses.spatial_relation_loss(
         student["item_patches"], patches, region_mask(batch),
         temperature=loss_config.srd_temperature, valid=batch["has_box"])
+  modalities = [k for k in MODALITY_EMBEDDINGS if k in student]
+  if "t2i" in terms or ("t2modal" in terms and modalities):
+    relevant = text_positives(batch)
+  if "t2i" in terms:
+    out["t2i"] = losses.infonce(student["text_query_emb"], student["item_emb"], tau,
+                                positives=relevant, valid=batch["text_valid"])
+  if "t2modal" in terms and modalities:
+    out["t2modal"] = sum(
+        losses.infonce(student["text_query_unit"], student[k], tau,
+                       positives=relevant, valid=batch["text_valid"])
+        for k in modalities) / len(modalities)
   if "spatial_map" in terms:
     if loss_config.spatial_target == "teacher":
       target = jnp.mean(teacher["full"]["attention"], axis=1)
@@ -156,15 +203,18 @@ def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
   stays frozen: `teacher` (the params of `teacher_model`) and, with `patch_grid` (the
   student's patch grid side), `patch_teacher` (a `models.patch_teacher.PatchTeacher`,
   L_SRD's reference); only the forward passes some active term reads run
-  (`teacher_views`).
+  (`teacher_views`). Without an image-query term the query tower does not run.
   """
   views = teacher_views(loss_config, patch_grid is not None)
   swap = loss_config.hard_negatives
+  image_queries = uses_image_queries(loss_config)
 
   def loss_fn(params, frozen, batch, rng):
     student_batch = batch
     if stage == "teacher":
       student_batch = dict(batch, item_image=batch["target_image"])
+    if not image_queries:
+      student_batch = {k: v for k, v in student_batch.items() if k != "query_image"}
     student = model.apply({"params": params}, student_batch, swap_titles=swap,
                           train=True, rngs={"dropout": rng})
     teacher = {}

@@ -97,6 +97,16 @@ def needs_target_crops(config: ml_collections.ConfigDict) -> bool:
               and step_lib.teacher_views(config.loss, True)["crop"]))
 
 
+def tokenizer_texts(config: ml_collections.ConfigDict,
+                    splits: dict[str, pipeline.Split]) -> list[str]:
+  """What a new run's tokenizer is trained on: the train titles, and the train text
+  queries when the model has a text query tower (their words are the queries')."""
+  texts = list(splits["train"].titles)
+  if config.model.text_query_encoder != "none":
+    texts += splits["train"].text_queries
+  return texts
+
+
 def student_from_teacher(state: step_lib.TrainState, teacher_params: Any,
                          teacher_dir: str) -> step_lib.TrainState:
   """A fresh student `state` holding a copy of the teacher's weights.
@@ -244,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- data and tokenizer ---
   data_root, splits = prepare_data(config, workdir)
   teacher_dir = resolve_teacher(config, workdir, data_root) if needs_teacher(config) else None
-  tokenizer = workdir_lib.run_tokenizer(config, workdir, splits["train"].titles, teacher_dir)
+  tokenizer = workdir_lib.run_tokenizer(config, workdir, tokenizer_texts(config, splits),
+                                        teacher_dir)
 
   # --- model, optimizer, teacher ---
   teacher_model, teacher_params = None, None
@@ -263,7 +274,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       splits["train"], tokenizer, config.data, batch_size=batch_size,
       patch_size=config.model.patch_size, max_title_len=config.model.max_title_len,
       seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), target_crops=needs_target_crops(config))
+      process_count=jax.process_count(), target_crops=needs_target_crops(config),
+      text_queries=step_lib.uses_text_queries(config.loss),
+      max_query_len=config.model.max_query_len)
   manager = workdir_lib.checkpoint_manager(workdir, config.train.keep_checkpoints)
   if manager.latest_step() is not None:
     step0 = manager.latest_step()
