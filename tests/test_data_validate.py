@@ -52,8 +52,8 @@ def test_valid_folder_summary_and_nothing_written(tmp_path):
   result = _validate(f"--root={root}")
   assert result.returncode == 0, result.stdout + result.stderr
   assert result.stdout.splitlines() == [
-      "train: 3 items, 3 queries (2 with a box, 1 without), 0 bad record(s)",
-      "eval_x: 3 items, 3 queries (0 with a box, 3 without), 0 bad record(s)",
+      "train: 3 items, 3 queries (2 with a box, 1 without), 0 text queries, 0 bad record(s)",
+      "eval_x: 3 items, 3 queries (0 with a box, 3 without), 0 text queries, 0 bad record(s)",
       f"{root}: valid (2 split(s): train, eval_x)"]
   assert _tree(root) == before
 
@@ -70,8 +70,8 @@ def test_problems_of_every_split_are_listed(tmp_path):
   box_problem = (f"  {root}/eval_a/queries.jsonl:1: box [0, 0, 30, 5] must satisfy "
                  "0 <= x0 < x1 <= 20 and 0 <= y0 < y1 <= 10 (the image of item_ids[0])")
   assert lines == [
-      "train: 3 items, 3 queries (3 with a box, 0 without), 0 bad record(s)",
-      "eval_a: 3 items, 2 queries (2 with a box, 0 without), 1 bad record(s)",
+      "train: 3 items, 3 queries (3 with a box, 0 without), 0 text queries, 0 bad record(s)",
+      "eval_a: 3 items, 2 queries (2 with a box, 0 without), 0 text queries, 1 bad record(s)",
       f"  1 problem(s) in {root}/eval_a (--config.data.skip_bad=true skips the bad records):",
       box_problem,
       "eval_b: cannot be read",
@@ -81,8 +81,8 @@ def test_problems_of_every_split_are_listed(tmp_path):
   # With --skip_bad the bad box is skipped; the empty file still fails the folder.
   skipped = _validate(f"--root={root}", "--skip_bad")
   assert skipped.returncode == 1
-  assert "eval_a: 3 items, 2 queries (2 with a box, 0 without), 1 bad record(s) skipped" in (
-      skipped.stdout.splitlines())
+  assert ("eval_a: 3 items, 2 queries (2 with a box, 0 without), 0 text queries, "
+          "1 bad record(s) skipped") in skipped.stdout.splitlines()
   assert box_problem.replace("  ", "  skipped: ", 1) in skipped.stdout.splitlines()
   shutil.rmtree(os.path.join(root, "eval_b"))
   assert _validate(f"--root={root}", "--skip_bad").returncode == 0

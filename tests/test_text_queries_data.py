@@ -181,3 +181,20 @@ def test_eval_text_batches_in_file_order(split, tokenizer):
   stacked = np.concatenate([b["text_tokens"][b["valid"]] for b in batches])
   np.testing.assert_array_equal(stacked, tokens)
   assert not batches[-1]["text_mask"][~batches[-1]["valid"]].any()
+
+
+def test_eval_text_split_and_old_catalogs(tmp_path):
+  root = str(tmp_path / "catalog")
+  synthetic.write_catalog_once(root, seed=0, items=24, image_size=32, text_eval_items=30)
+  assert folder.split_names(root) == ["train", "eval_cluttered", "eval_normal", "eval_text"]
+  records = folder.read_split(root, synthetic.TEXT_EVAL_SPLIT)
+  assert len(records.items) == 30 and records.text_queries
+  # A catalog written before text queries (its marker has no version) is refused.
+  marker = os.path.join(root, synthetic.CATALOG_MARKER)
+  with open(marker) as f:
+    params = json.load(f)
+  del params["version"]
+  with open(marker, "w") as f:
+    json.dump(params, f)
+  with pytest.raises(synthetic.CatalogError, match="version=1"):
+    synthetic.write_catalog_once(root, seed=0, items=24, image_size=32, text_eval_items=30)

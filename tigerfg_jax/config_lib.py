@@ -94,6 +94,7 @@ class Preset:
   synthetic_items: int          # products in the synthetic train split.
   synthetic_eval_items: int     # items of each synthetic eval split (0: max(items // 4,
                                 # min(items, 50))).
+  synthetic_text_eval_items: int  # items of the eval_text split (text-query stages).
   clutter_grid: int             # cells per side of a synthetic cluttered image.
   mosaic_prob: float
   worker_count: int             # Grain worker processes (-1: from the cores).
@@ -110,7 +111,8 @@ PRESETS = {
         vision_variant="mu", text_variant="mu", patch_size=8, num_registers=0,
         max_title_len=16, pooling_slots=2, pooling_heads=2, pooling_mlp_dim=64,
         dtype="float32", remat="none", item_image_size=32, query_image_size=32,
-        synthetic_items=48, synthetic_eval_items=0, clutter_grid=2, mosaic_prob=0.5,
+        synthetic_items=48, synthetic_eval_items=0, synthetic_text_eval_items=96,
+        clutter_grid=2, mosaic_prob=0.5,
         worker_count=0, device_augment=False, steps=6, batch_size=8, learning_rate=1e-3),
     # The CPU default: minutes. Mosaic is rare at 64 px: a 2x2 tile halves a product
     # to a few patches, and at 0.5 eval_normal R@1 fell by 13 points. 2 clutter cells
@@ -119,14 +121,16 @@ PRESETS = {
         vision_variant="pico", text_variant="pico", patch_size=8, num_registers=4,
         max_title_len=16, pooling_slots=4, pooling_heads=4, pooling_mlp_dim=192,
         dtype="float32", remat="none", item_image_size=64, query_image_size=64,
-        synthetic_items=3200, synthetic_eval_items=200, clutter_grid=2, mosaic_prob=0.1,
+        synthetic_items=3200, synthetic_eval_items=200,
+        synthetic_text_eval_items=2000, clutter_grid=2, mosaic_prob=0.1,
         worker_count=0, device_augment=False, steps=300, batch_size=32, learning_rate=1e-3),
     # The paper's ViT-B/16 query tower, for accelerators.
     "b16": Preset(
         vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
         max_title_len=32, pooling_slots=8, pooling_heads=8, pooling_mlp_dim=1024,
         dtype="bfloat16", remat="dots", item_image_size=224, query_image_size=224,
-        synthetic_items=4000, synthetic_eval_items=0, clutter_grid=3, mosaic_prob=0.5,
+        synthetic_items=4000, synthetic_eval_items=0,
+        synthetic_text_eval_items=10_000, clutter_grid=3, mosaic_prob=0.5,
         worker_count=-1, device_augment=True, steps=20_000, batch_size=1024, learning_rate=5e-4),
 }
 
@@ -176,6 +180,9 @@ def _data_config(p: Preset) -> ml_collections.ConfigDict:
       cache_dir=ml_collections.FieldReference(None, field_type=str),
       synthetic_items=p.synthetic_items,
       synthetic_eval_items=p.synthetic_eval_items,
+      # > 0: also an `eval_text` split of this many items for typed queries (set by the
+      # text_query stage and configs/joint.py; data/synthetic.py).
+      synthetic_text_eval_items=0,
       # Cluttered images: a grid x grid layout, one product per cell.
       synthetic_clutter_grid=p.clutter_grid,
       synthetic_seed=0,
@@ -300,6 +307,7 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
     config.model.mode = "clip_style"
     config.data.mosaic_prob = 0.0
   if stage == "text_query":
+    config.data.synthetic_text_eval_items = PRESETS[preset].synthetic_text_eval_items
     config.loss.update(w_q2i=0.0, w_t2i=1.0, w_t2modal=0.5)
     config.model.update(item_fusion=TEXT_QUERY_FUSION, text_query_encoder="own")
     config.data.mosaic_prob = 0.0

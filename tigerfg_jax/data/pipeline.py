@@ -66,9 +66,10 @@ class Split:
   `items[row]` / `queries[row]` read the ArrayRecord rows (dicts with encoded `image`
   bytes, stored at `item_store_size` / `query_store_size` when not None: see
   `ingest.stored_image`). `item_sizes` int64 [num_items, 2] are the item files' width,
-  height; `query_positives[q]` are item rows; `text_queries[t]` (texts, empty without
-  text_queries.jsonl) are relevant to the item rows `text_query_positives[t]`; `query_boxes[q]` is in pixels of the file
+  height; `query_positives[q]` are item rows; `query_boxes[q]` is in pixels of the file
   of item `query_positives[q][0]` (or None). `item_groups` int32 [num_items].
+  `text_queries[t]` (texts; empty without text_queries.jsonl) are relevant to the item
+  rows `text_query_positives[t]`.
   """
   name: str
   item_ids: list[str]
@@ -467,7 +468,7 @@ def train_iterator(split: Split, tokenizer: tokenizer_lib.TitleTokenizer, data_c
 
   `target_crops`: add `target_image` (the privileged teacher's input; module docstring).
   `text_queries`: add a text query per example, `max_query_len` tokens
-  (`data.text_queries`).
+  (`data/text_queries.py`).
   Deterministic given `seed` (and the process index), whatever `data.worker_count`:
   units are built per example group in `worker_count(data.worker_count)` Grain worker
   processes (0: threads of this process) and batched here. See `TrainIterator` for the

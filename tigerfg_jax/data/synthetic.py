@@ -50,6 +50,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tigerfg_jax.data import synthetic_text
 
 SPLITS = ("train", "eval_normal", "eval_cluttered")
+# The optional large catalog for text queries (`write_catalog(text_eval_items=)`).
+TEXT_EVAL_SPLIT = "eval_text"
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -480,12 +482,18 @@ def check_params(*, seed: int, items: int, image_size: int, eval_items: int | No
 def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
                   one_to_many: bool = False,
                   title_pattern_prob: float = TITLE_PATTERN_PROB,
-                  eval_items: int | None = None, clutter_grid: int = CLUTTER_GRID) -> None:
-  """Writes the splits train (half cluttered), eval_normal, eval_cluttered to out_dir.
+                  eval_items: int | None = None, clutter_grid: int = CLUTTER_GRID,
+                  text_eval_items: int = 0) -> None:
+  """Writes the splits train (half cluttered), eval_normal, eval_cluttered to out_dir
+  (and eval_text with `text_eval_items` > 0).
 
   `title_pattern_prob`: how often a patterned product's title names its pattern (1: titles
   describe products completely, and the title alone identifies the product).
   `eval_items`: items of each eval split (None: `eval_split_items(items)`).
+  `text_eval_items` > 0: also `eval_text`, a catalog of that many items (half
+  cluttered) for the typed queries: at catalog scale many items share the words a title
+  gives (kind, colour), so a text query's top 10 are not decided by the title alone, as
+  in a 200-item split where a kind and colour name about two items.
   `clutter_grid`: cluttered images are a `clutter_grid x clutter_grid` layout of cells,
   one product per cell: 2 puts the target at 0.4-0.5 of the image side (about 3-4
   patches of 8 px at 64 px, as a target of 0.3 of a 224 px image has at 16 px patches),
@@ -502,10 +510,12 @@ def write_catalog(out_dir: str, *, seed: int, items: int, image_size: int,
     problems.append(f"{out_dir}: not empty; write a catalog into a new or empty folder")
   if problems:
     raise CatalogError("\n".join(problems))
+  if text_eval_items < 0:
+    raise CatalogError(f"text_eval_items={text_eval_items}: expected >= 0 (0: no eval_text)")
   eval_items = eval_split_items(items) if eval_items is None else eval_items
   sizes = {"train": (items, 0.5), "eval_normal": (eval_items, 0.0),
-           "eval_cluttered": (eval_items, 1.0)}
-  for index, split in enumerate(SPLITS):
+           "eval_cluttered": (eval_items, 1.0), TEXT_EVAL_SPLIT: (text_eval_items, 0.5)}
+  for index, split in enumerate(SPLITS + ((TEXT_EVAL_SPLIT,) if text_eval_items else ())):
     count, cluttered = sizes[split]
     write_split(os.path.join(out_dir, split), seed=seed, split_index=index, items=count,
                 image_size=image_size, cluttered_fraction=cluttered, one_to_many=one_to_many,
@@ -605,14 +615,16 @@ def catalog_params(data_config) -> dict:
   return dict(seed=data_config.synthetic_seed, items=data_config.synthetic_items,
               image_size=data_config.synthetic_image_size,
               eval_items=data_config.synthetic_eval_items or None,
-              clutter_grid=data_config.synthetic_clutter_grid)
+              clutter_grid=data_config.synthetic_clutter_grid,
+              text_eval_items=data_config.synthetic_text_eval_items)
 
 
 def main(argv):
   del argv
   params = dict(seed=FLAGS.seed, items=FLAGS.items, image_size=FLAGS.image_size,
                 one_to_many=FLAGS.one_to_many, title_pattern_prob=FLAGS.title_pattern_prob,
-                eval_items=FLAGS.eval_items or None, clutter_grid=FLAGS.clutter_grid)
+                eval_items=FLAGS.eval_items or None, clutter_grid=FLAGS.clutter_grid,
+                text_eval_items=FLAGS.text_eval_items)
   existed = os.path.exists(os.path.join(FLAGS.out, CATALOG_MARKER))
   try:
     write_catalog_once(FLAGS.out, **params)
@@ -626,7 +638,8 @@ def main(argv):
   if existed:
     print(f"{FLAGS.out} already holds this catalog; nothing written")
   else:
-    print(f"wrote splits {', '.join(SPLITS)} to {FLAGS.out}")
+    written = SPLITS + ((TEXT_EVAL_SPLIT,) if FLAGS.text_eval_items else ())
+    print(f"wrote splits {', '.join(written)} to {FLAGS.out}")
 
 
 if __name__ == "__main__":
@@ -640,6 +653,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("eval_items", 0, "items of each eval split (0: max(items // 4, "
                        "min(items, 50)), i.e. a quarter of train but at least 50, or all "
                        "of train when it has fewer)")
+  flags.DEFINE_integer("text_eval_items", 0, "items of an eval_text split for typed "
+                       "queries (0: none)")
   flags.DEFINE_integer("clutter_grid", CLUTTER_GRID,
                        "cluttered images: a grid x grid layout, one product per cell (>= 2)")
   flags.DEFINE_integer("image_size", 64,

@@ -29,7 +29,8 @@ def split_report(root: str, split: str, skip_bad: bool) -> tuple[list[str], bool
   with_box = sum(q.box is not None for q in records.queries)
   bad = f"{len(problems)} bad record(s)" + (" skipped" if skip_bad and problems else "")
   lines = [f"{split}: {len(records.items)} items, {len(records.queries)} queries "
-           f"({with_box} with a box, {len(records.queries) - with_box} without), {bad}"]
+           f"({with_box} with a box, {len(records.queries) - with_box} without), "
+           f"{len(records.text_queries)} text queries, {bad}"]
   try:
     folder.check_scan(records, problems, skip_bad)
     valid = True
