@@ -9,11 +9,12 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests import train_helpers
 from tigerfg_jax import config_lib
 from tigerfg_jax.data import synthetic
-from tigerfg_jax.evaluation import retrieval
+from tigerfg_jax.evaluation import retrieval, text_hits
 from tigerfg_jax.serving import artifact
 from tigerfg_jax.serving import export
 from tigerfg_jax.serving import search
@@ -207,3 +208,20 @@ def test_joint_run_answers_both_kinds_from_one_index(catalog, tmp_path):
                              atol=1e-5)
   np.testing.assert_allclose(model.embed_text_queries([text_query["text"]])[0],
                              saved["text_query"][0], atol=1e-5)
+
+
+def test_text_hits_picture_shows_the_scored_ranking(smar_run, catalog, tmp_path):
+  workdir, _ = smar_run
+  out = str(tmp_path / "hits.png")
+  relevant = text_hits.visualize([workdir, workdir], SPLIT, 3, out, k=4, cell=32)
+  items = np.load(os.path.join(workdir, "eval", f"{SPLIT}_item_emb.npy"))
+  texts = np.load(os.path.join(workdir, "eval", f"{SPLIT}_text_query_emb.npy"))
+  ids = [json.loads(line)["item_id"]
+         for line in open(os.path.join(catalog, SPLIT, "items.jsonl"))]
+  queries = [json.loads(line)
+             for line in open(os.path.join(catalog, SPLIT, "text_queries.jsonl"))][:3]
+  expected = [[ids[i] in q["item_ids"] for i in np.argsort(-(items @ t), kind="stable")[:4]]
+              for t, q in zip(texts, queries)]
+  np.testing.assert_array_equal(relevant, [expected, expected])
+  with Image.open(out) as image:
+    assert image.width > 4 * 32 and image.height > 3 * 2 * 32

@@ -310,6 +310,9 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
     config.data.synthetic_text_eval_items = PRESETS[preset].synthetic_text_eval_items
     config.loss.update(w_q2i=0.0, w_t2i=1.0, w_t2modal=0.5)
     config.model.update(item_fusion=TEXT_QUERY_FUSION, text_query_encoder="own")
+    # Beyond Text's first stage: the encoders start domain-trained, from the privileged
+    # teacher (image queries on this catalog; trained first in WORKDIR/teacher).
+    config.teacher.init_student = True
     config.data.mosaic_prob = 0.0
   return config
 

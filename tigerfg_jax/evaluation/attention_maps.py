@@ -131,7 +131,7 @@ def box_in_cell(box: Sequence[float], image_size: tuple[int, int], cell: int) ->
   return [int(np.clip(round(v), 0, cell - 1)) for v in rect]
 
 
-def _wrap(text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
+def wrap_text(text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
   """Greedy word wrap to `width` pixels; the last line ends in '...' if text is cut."""
   lines: list[str] = []
   for word in text.split():
@@ -169,7 +169,7 @@ def render_figure(rows: Sequence[FigureRow], layout: Layout = Layout()) -> Image
     x, y = layout.cell_origin(r, 0)
     text_width = layout.columns * (layout.cell + layout.pad) - layout.pad
     peak = float(np.max(row.attention) * row.attention.size / np.sum(row.attention))
-    lines = _wrap(row.title, font, text_width, layout.text_lines - 1)
+    lines = wrap_text(row.title, font, text_width, layout.text_lines - 1)
     lines.append(f"attention peak {peak:.1f}x uniform")
     for k, line in enumerate(lines):
       draw.text((x, y + layout.cell + k * layout.line_height + 2), line, fill=(0, 0, 0),

@@ -4,12 +4,14 @@ r"""Text queries over the multimodal catalog: the item fusions, and one model fo
       [--preset=tiny] [--seeds=0,1,2] [--rows=text,image,...] [--joint_seeds=0] \
       [--out=docs/results_text_queries.md]
 
-Fusion rows (configs/text_query.py, `model.item_fusion` set; text queries only, same
-steps each): text (the text-only two-tower baseline), image, concat, beyond_text, smar,
-tiger. Both-kinds rows (each on the same per-seed teacher, which has the text tower so
-that every student starts from the same weights): `image_only` (configs/joint.py with
-`loss.w_t2i=0`: the distill objective alone) and `joint` (configs/joint.py: the distill
-objective plus text queries), set against the `tiger` fusion row (text queries alone).
+Every row starts from the same per-seed teacher (configs/teacher.py with a text query
+tower: image queries on this catalog; Beyond Text's domain-trained encoders): its ViT
+and title encoder are copied, the rest of each item fusion starts fresh. Fusion rows
+(configs/text_query.py, `model.item_fusion` set; text queries only, same steps each):
+text (the text-only two-tower baseline), image, concat, beyond_text, smar, tiger.
+Both-kinds rows: `image_only` (configs/joint.py with `loss.w_t2i=0`: the distill
+objective alone) and `joint` (configs/joint.py: the distill objective plus text
+queries), set against the `tiger` fusion row (text queries alone).
 Runs, reuse and resumption as in `tigerfg_jax.experiments.paper_table`.
 """
 
@@ -50,9 +52,10 @@ BASELINE = "text"
 _TEXT_TOWER = {"model.text_query_encoder": "own"}
 
 ROWS = (
-    *(Row(f, FUSION_LABELS[f], "text_query.py", {"model.item_fusion": f}) for f in FUSIONS),
     Row("teacher", "privileged teacher with a text tower", "teacher.py", dict(_TEXT_TOWER),
         in_table=False),
+    *(Row(f, FUSION_LABELS[f], "text_query.py", {"model.item_fusion": f}, teacher="teacher")
+      for f in FUSIONS),
     Row("image_only", "image queries only (distill)", "joint.py", {"loss.w_t2i": 0.0},
         teacher="teacher"),
     Row("joint", "both kinds (joint)", "joint.py", teacher="teacher"),
@@ -141,14 +144,16 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
                  text_eval_items=config_lib.PRESETS[preset].synthetic_text_eval_items)
   roots = {"default": synthetic.write_catalog_once(os.path.join(workdir, "data"),
                                                    **catalog)}
-  fusion_rows = [ROWS_BY_KEY[k] for k in FUSIONS if k in rows]
+  fusion_rows = [ROWS_BY_KEY[k] for k in ("teacher", *FUSIONS) if k in rows or k == "teacher"]
   both_rows = [ROWS_BY_KEY[k] for k in ("teacher", *JOINT_ROWS)
                if k == "teacher" and any(j in rows for j in JOINT_ROWS) or k in rows]
   entries = paper_table.train_rows(workdir, fusion_rows, ROWS_BY_KEY, seeds, roots,
                                    preset=preset, steps=steps, shown=_shown)
   if both_rows and joint_seeds:
+    teacher_runs = entries["teacher"]["runs"]
     entries.update(paper_table.train_rows(workdir, both_rows, ROWS_BY_KEY, joint_seeds,
                                           roots, preset=preset, steps=steps, shown=_shown))
+    entries["teacher"]["runs"].update(teacher_runs)
   parts = ["python -m tigerfg_jax.experiments.text_query_table", f"--workdir={workdir}",
            f"--preset={preset}", f"--seeds={','.join(map(str, seeds))}",
            f"--rows={','.join(rows)}", f"--joint_seeds={','.join(map(str, joint_seeds))}"]

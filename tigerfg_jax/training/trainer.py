@@ -44,10 +44,12 @@ class NonFiniteLossError(RuntimeError):
 
 def teacher_stage_config(config: ml_collections.ConfigDict,
                          data_root: str) -> ml_collections.ConfigDict:
-  """The `teacher` stage with the model, data and mesh of a `distill` config."""
+  """The `teacher` stage with the model, data and mesh of a `distill` (or `text_query`)
+  config; its item tower is TIGER-FG's whatever the student's item fusion."""
   teacher = config_lib.experiment_config("teacher", config.preset)
   teacher.seed = config.seed
   teacher.model = config.model.copy_and_resolve_references()
+  teacher.model.item_fusion = "tiger"  # the text_query stage's other fusions start from it.
   for key in ("vision_variant", "text_variant"):
     if config.teacher[key]:
       teacher.model[key] = config.teacher[key]
@@ -87,6 +89,8 @@ def prepare_data(config: ml_collections.ConfigDict,
 def needs_teacher(config: ml_collections.ConfigDict) -> bool:
   """Whether the stage loads a teacher run (to start from it or for a loss term)."""
   views = step_lib.teacher_views(config.loss, bool(config.teacher.patch_teacher))
+  if config.stage == "text_query":
+    return config.teacher.init_student
   return config.stage == "distill" and (config.teacher.init_student or any(views.values()))
 
 
@@ -108,13 +112,18 @@ def tokenizer_texts(config: ml_collections.ConfigDict,
 
 
 def student_from_teacher(state: step_lib.TrainState, teacher_params: Any,
-                         teacher_dir: str) -> step_lib.TrainState:
+                         teacher_dir: str, *, shared_only: bool = False
+                         ) -> step_lib.TrainState:
   """A fresh student `state` holding a copy of the teacher's weights.
 
   Stage 2 starts where stage 1 ended (`config.teacher.init_student`); the optimizer
   state stays fresh. The two models must have one parameter layout (the teacher stage
-  copies the student's `config.model`). Copied, not aliased: the update step donates
-  the student's buffers while the frozen teacher keeps using its own.
+  copies the student's `config.model`), except with `shared_only` (the text_query
+  stage, whose item fusion may have other layers): then every parameter the teacher
+  has at the same path and shape is copied (the ViT, the title encoder, ...), the
+  others keep their initial values, and the ViT must be among the copied. Copied, not
+  aliased: the update step donates the student's buffers while the frozen teacher keeps
+  using its own.
   """
   def shapes(tree):
     return {jax.tree_util.keystr(path): tuple(leaf.shape)
@@ -122,15 +131,29 @@ def student_from_teacher(state: step_lib.TrainState, teacher_params: Any,
   student, teacher = shapes(state.params), shapes(teacher_params)
   problems = [f"{name}: student {shape}, teacher {teacher.get(name, 'missing')}"
               for name, shape in student.items() if teacher.get(name) != shape]
-  problems += [f"{name}: only in the teacher" for name in teacher if name not in student]
+  if shared_only:
+    problems = [p for p in problems if p.startswith("['vision']")]
+  else:
+    problems += [f"{name}: only in the teacher" for name in teacher if name not in student]
   if problems:
     raise ValueError(
         f"config.teacher.init_student: the teacher {teacher_dir} has another parameter "
         "layout than the student (train it with this config.model, or set "
         "teacher.init_student=False):\n  " + "\n  ".join(problems[:10]))
   shardings = jax.tree.map(lambda a: a.sharding, state.params)
-  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(
-      teacher_params)
+  teacher_leaves = {jax.tree_util.keystr(path): leaf for path, leaf
+                    in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+
+  def pick(path, own):
+    name = jax.tree_util.keystr(path)
+    return teacher_leaves[name] if teacher.get(name) == student[name] else own
+
+  params = jax.tree_util.tree_map_with_path(pick, state.params)
+  if shared_only:
+    logging.info("Student from %s: %d of %d parameter arrays copied, the rest fresh",
+                 teacher_dir, sum(teacher.get(n) == s for n, s in student.items()),
+                 len(student))
+  params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
   return state.replace(params=params)
 
 
@@ -292,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = state.replace(params=workdir_lib.restore_init_params(
           workdir, trainer.abstract_state.params))
     elif config.teacher.init_student:
-      state = student_from_teacher(state, teacher_params, teacher_dir)
+      state = student_from_teacher(state, teacher_params, teacher_dir,
+                                   shared_only=config.stage == "text_query")
   # Everything is checked: only now is the run folder written.
   workdir_lib.write_run_files(config, workdir, tokenizer, changes, int(state.step))
 
