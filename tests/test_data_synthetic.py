@@ -253,7 +253,7 @@ def test_write_catalog_refuses_a_non_empty_folder(tmp_path):
 def test_catalog_root_writes_once_and_checks_params(tmp_path):
   config = ml_collections.ConfigDict(dict(root=None, synthetic_items=6, synthetic_seed=0,
                                           synthetic_image_size=32, synthetic_eval_items=3,
-                                          synthetic_clutter_grid=2))
+                                          synthetic_clutter_grid=2, synthetic_text_eval_items=0))
   root = synthetic.catalog_root(config, str(tmp_path))
   assert root == str(tmp_path / "data")
   assert len(_lines(os.path.join(root, "eval_normal", "items.jsonl"))) == 3

@@ -84,7 +84,7 @@ def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path
   rows = _read_metrics(workdir)
   assert [r["step"] for r in rows] == [2, 4]
   for row in rows:
-    for key in ("loss", *step_lib.LOSS_TERMS, "temperature"):
+    for key in ("loss", *step_lib.IMAGE_TERMS, "temperature"):
       assert np.isfinite(row[key]), key
     assert row["data_wait_s"] >= 0
   # Rates need one measured interval; on the CPU there is no bf16 peak, so no MFU.
