@@ -319,7 +319,7 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
 
 # The text_query stage's default item side: the best multimodal fusion measured
 # (docs/results_text_queries.md).
-TEXT_QUERY_FUSION = "tiger"
+TEXT_QUERY_FUSION = "smar"
 
 
 # Allowed values of the keys with a fixed set, owned by the modules that read them.
