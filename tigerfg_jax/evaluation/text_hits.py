@@ -89,7 +89,8 @@ def visualize(workdirs: Sequence[str], split_name: str, n: int, out: str, *, k: 
                         for row, q in zip(run, queries)] for run in hits])
   images = {int(row): np.asarray(folder.decode_rgb(split.items[int(row)]["image"]), np.uint8)
             for row in np.unique(hits)}
-  labels = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  # The run folders' last two names ('smar/seed_0'): a table's runs differ by the row.
+  labels = ["/".join(os.path.normpath(w).split(os.sep)[-2:]) for w in workdirs]
   figure = render([split.text_queries[q] for q in queries], labels, hits, relevant, images,
                   split.titles, cell)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

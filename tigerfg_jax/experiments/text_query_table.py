@@ -111,8 +111,7 @@ def format_report(report: dict[str, Any], json_name: str) -> str:
     columns = ([f"{s} image R@1" for s in IMAGE_SPLITS]
                + [f"{s} text R@10" for s in TEXT_SPLITS])
     lines += ["## One model for both query kinds", "",
-              "Seeds " + ", ".join(sorted({s for k in joint for s in entries[k]["runs"]}))
-              + ". Blank: the run does not answer that kind.", "",
+              "Each row's seeds in brackets. Blank: the run does not answer that kind.", "",
               "| objective | " + " | ".join(columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
     for key in joint:
@@ -121,6 +120,7 @@ def format_report(report: dict[str, Any], json_name: str) -> str:
       cells += [paper_table.format_cell(_values(entries[key], _text_row(s), "R@10"))
                 for s in TEXT_SPLITS]
       label = "text queries only (tiger)" if key == "tiger" else entries[key]["label"]
+      label += f" [{', '.join(sorted(entries[key]['runs']))}]"
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
