@@ -271,7 +271,8 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   config.teacher = ml_collections.ConfigDict(dict(
       checkpoint=ml_collections.FieldReference(None, field_type=str),
       # Start the student from the teacher's weights (stage 2 continues stage 1; the
-      # teacher needs the student's config.model).
+      # teacher needs the student's config.model). The text_query stage copies the
+      # parameters its item fusion shares with the teacher (ViT, title encoder).
       init_student=False,
       # The frozen patch teacher of L_SRD: a folder written by `python -m
       # tigerfg_jax.convert --format=dinov2`. None: the teacher's own ViT.
