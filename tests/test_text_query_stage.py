@@ -15,6 +15,7 @@ from tests import train_helpers
 from tigerfg_jax import config_lib
 from tigerfg_jax.data import synthetic
 from tigerfg_jax.evaluation import retrieval, text_hits
+from tigerfg_jax.experiments import text_query_table
 from tigerfg_jax.serving import artifact
 from tigerfg_jax.serving import export
 from tigerfg_jax.serving import search
@@ -225,3 +226,22 @@ def test_text_hits_picture_shows_the_scored_ranking(smar_run, catalog, tmp_path)
   np.testing.assert_array_equal(relevant, [expected, expected])
   with Image.open(out) as image:
     assert image.width > 4 * 32 and image.height > 3 * 2 * 32
+
+
+def test_text_query_table_report_compares_with_text_only():
+  def run(r10):
+    row = {"R@1": 1.0, "R@10": r10, "R@50": 90.0, "NDCG@10": 5.0, "mAP@10": 4.0}
+    return {"results": {f"{s}{retrieval.TEXT_ROW}": row
+                        for s in text_query_table.TEXT_SPLITS}}
+  report = {
+      "preset": "tiny", "command": "cmd", "date": "d", "seeds": [0, 1],
+      "hardware": {"cpu": "cpu", "cores": 2, "jax_version": "x"},
+      "rows": [{"key": "text", "label": "text-only", "runs": {"0": run(70.0), "1": run(72.0)}},
+               {"key": "smar", "label": "SMAR", "runs": {"0": run(75.0), "1": run(79.0)}},
+               {"key": "joint", "label": "joint", "runs": {"0": run(50.0)}}],
+  }
+  text = text_query_table.format_report(report, "r.json")
+  smar = [line for line in text.splitlines() if line.startswith("| SMAR |")]
+  # Mean 77 against 71: +6; the std of (75, 79) is 2.83.
+  assert smar and all(line.endswith("| +6.00 |") and "77.00 ± 2.83" in line for line in smar)
+  assert "| joint [0] |" in text
