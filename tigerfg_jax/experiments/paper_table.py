@@ -412,7 +412,6 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
   total = len(todo) * len(seeds)
   run_walls = [run["wall_s"] for entry in entries.values() for run in entry["runs"].values()
                if run["wall_s"] is not None]
-  json_path = os.path.splitext(out)[0] + ".json"
   report = {
       "command": command_line(workdir=workdir, preset=preset, seeds=seeds, rows=rows,
                               steps=steps, items=items, image_size=image_size, out=out),
@@ -426,13 +425,20 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
       "wall_s": {"invocation": time.monotonic() - start, "runs": sum(run_walls),
                  "num_runs": total},
   }
+  write_report(report, out, format_report)
+  return report
+
+
+def write_report(report: dict[str, Any], out: str, format_fn) -> None:
+  """Writes `report` as JSON next to `out` (.json) and `format_fn(report, json name)`
+  as the Markdown file `out`."""
+  json_path = os.path.splitext(out)[0] + ".json"
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(json_path, "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   with open(out, "w", encoding="utf-8") as f:
-    f.write(format_report(report, os.path.basename(json_path)))
+    f.write(format_fn(report, os.path.basename(json_path)))
   print(f"wrote {out} and {json_path}", flush=True)
-  return report
 
 
 def define_flags() -> None:

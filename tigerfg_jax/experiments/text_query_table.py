@@ -18,7 +18,6 @@ Runs, reuse and resumption as in `tigerfg_jax.experiments.paper_table`.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -171,13 +170,7 @@ def run_table(workdir: str, *, preset: str = "tiny", seeds: Sequence[int] = (0, 
       "rows": list(entries.values()),
       "wall_s": {"invocation": time.monotonic() - start},
   }
-  json_path = os.path.splitext(out)[0] + ".json"
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
-  with open(out, "w", encoding="utf-8") as f:
-    f.write(format_report(report, os.path.basename(json_path)))
-  print(f"wrote {out} and {json_path}", flush=True)
+  paper_table.write_report(report, out, format_report)
   return report
 
 
