@@ -125,8 +125,9 @@ def test_smar_gate_is_a_per_query_mix_of_multimodal_and_text_scores():
   assert np.all((a > 0) & (a < 1))
 
 
-def test_title_encoder_is_shared_with_text_query_encoder_title():
-  config, model, params, batch = _model("tiger", encoder="title")
+@pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "image"])
+def test_title_encoder_is_shared_with_text_query_encoder_title(fusion):
+  config, model, params, batch = _model(fusion, encoder="title")
   assert "text_query_encoder" not in params and "text_query_projection" in params
   embed = lambda p: model.apply({"params": p}, batch["text_tokens"], batch["text_mask"],
                                 method=type(model).embed_text_query)
@@ -134,6 +135,23 @@ def test_title_encoder_is_shared_with_text_query_encoder_title():
       lambda path, a: a + 0.1 if "text_encoder" in jax.tree_util.keystr(path) else a, params)
   assert not np.allclose(embed(params), embed(moved), atol=1e-4)
   assert config.model.max_query_len <= config.model.max_title_len
+
+
+_FUSION_TREES = {
+    "text": {"text_encoder", "text_projection"},
+    "image": {"image_pool", "image_projection"},
+    "smar": {"text_encoder", "text_projection", "image_pool", "image_projection",
+             "title_to_image_width", "fusion_attn", "fusion_norm", "fusion_mlp",
+             "fusion_projection"},
+}
+_FUSION_TREES["beyond_text"] = _FUSION_TREES["smar"] | {"modality_embed", "fusion_query"}
+
+
+@pytest.mark.parametrize("fusion", sorted(_FUSION_TREES))
+def test_fusion_item_tower_trees_keep_their_names(fusion):
+  # Checkpoints of text_query runs and the copy from the teacher rely on these names.
+  _, _, params, _ = _model(fusion)
+  assert set(params["item_tower"]) == _FUSION_TREES[fusion]
 
 
 def test_default_model_tree_is_unchanged():

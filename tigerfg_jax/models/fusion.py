@@ -71,12 +71,25 @@ class FusionItemTower(nn.Module):
   pixel_std: Sequence[float]
   dtype: Any = jnp.float32
 
-  def _embed(self, name: str, feature: jax.Array) -> jax.Array:
-    """`[B, D]` -> Dense(E) named `name` -> float32 L2-normalised `[B, E]`."""
-    return l2_normalize(partitioning.dense(self.embed_dim, ("embed", "proj"),
-                                           dtype=self.dtype, name=name)(feature))
+  def setup(self):
+    # Submodules are built lazily: a fusion creates the parameters of those it calls.
+    self.text_encoder = text.TextEncoder(**self.text_encoder_kwargs, dtype=self.dtype)
+    self.image_pool = pooling.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype)
+    width = self.vision.size.width
+    self.title_to_image_width = partitioning.dense(width, (None, "embed"), dtype=self.dtype)
+    self.fusion_attn = transformer.MultiHeadAttention(self.num_heads, dtype=self.dtype)
+    self.fusion_norm = partitioning.layer_norm(dtype=self.dtype)
+    self.fusion_mlp = transformer.MlpBlock(self.mlp_dim, dtype=self.dtype)
+    projection = lambda: partitioning.dense(self.embed_dim, ("embed", "proj"),
+                                            dtype=self.dtype)
+    self.text_projection = projection()
+    self.image_projection = projection()
+    self.fusion_projection = projection()
+    if self.fusion == "beyond_text":
+      init = partitioning.init(nn.initializers.normal(0.02), (None, "embed"))
+      self.modality_embed = self.param("modality_embed", init, (2, width), jnp.float32)
+      self.fusion_query = self.param("fusion_query", init, (1, width), jnp.float32)
 
-  @nn.compact
   def __call__(self, images: jax.Array, title_tokens: jax.Array, title_mask: jax.Array,
                region_mask: jax.Array | None = None,
                swap_titles: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -102,48 +115,38 @@ class FusionItemTower(nn.Module):
                        "the TIGER-FG item tower (model.item_fusion='tiger')")
     aux: dict[str, jax.Array] = {}
     if self.fusion != "image":
-      title, title_pooled = text.TextEncoder(
-          **self.text_encoder_kwargs, dtype=self.dtype, name="text_encoder")(
-              title_tokens, title_mask)
-      text_emb = self._embed("text_projection", title_pooled)
+      title, title_pooled = self.text_encoder(title_tokens, title_mask)
+      text_emb = l2_normalize(self.text_projection(title_pooled))
       if self.fusion == "text":
         return text_emb, aux
     tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
                                           self.dtype))
     patches = tokens[:, 1 + self.num_registers:]
-    image_pooled, _ = pooling.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                                      name="image_pool")(patches, region_mask)
-    image_emb = self._embed("image_projection", image_pooled)
+    image_pooled, _ = self.image_pool(patches, region_mask)
+    image_emb = l2_normalize(self.image_projection(image_pooled))
     if self.fusion == "image":
       return image_emb, aux
     aux.update(item_text_emb=text_emb, item_image_emb=image_emb)
     batch, num_patches, width = patches.shape
-    title = partitioning.dense(width, (None, "embed"), dtype=self.dtype,
-                               name="title_to_image_width")(title)
-    attend = transformer.MultiHeadAttention(self.num_heads, dtype=self.dtype,
-                                            name="fusion_attn")
-    norm = partitioning.layer_norm(dtype=self.dtype, name="fusion_norm")
-    mlp = transformer.MlpBlock(self.mlp_dim, dtype=self.dtype, name="fusion_mlp")
+    title = self.title_to_image_width(title)
     if self.fusion == "beyond_text":
-      init = partitioning.init(nn.initializers.normal(0.02), (None, "embed"))
-      modality = self.param("modality_embed", init, (2, width), jnp.float32)
-      query = self.param("fusion_query", init, (1, width), jnp.float32)
+      modality, query = self.modality_embed, self.fusion_query
       keys = jnp.concatenate([title + modality[0].astype(self.dtype),
                               patches + modality[1].astype(self.dtype)], axis=1)
       image_keys = (jnp.ones((batch, num_patches), bool) if region_mask is None
                     else region_mask)
-      fused, weights = attend(
+      fused, weights = self.fusion_attn(
           jnp.broadcast_to(query.astype(self.dtype), (batch, 1, width)), keys,
           jnp.concatenate([title_mask, image_keys], axis=1))
-      fused = fused + mlp(norm(fused))
+      fused = fused + self.fusion_mlp(self.fusion_norm(fused))
       aux["fusion_attention"] = weights[:, :, 0, :]
-      return self._embed("fusion_projection", fused[:, 0]), aux
+      return l2_normalize(self.fusion_projection(fused[:, 0])), aux
     # 'smar': each title token reads the patches; then the mean over real tokens.
-    read, _ = attend(title, patches, region_mask)
+    read, _ = self.fusion_attn(title, patches, region_mask)
     mixed = title + read
-    mixed = mixed + mlp(norm(mixed))
+    mixed = mixed + self.fusion_mlp(self.fusion_norm(mixed))
     weights = title_mask.astype(jnp.float32) / jnp.maximum(
         title_mask.sum(axis=1, keepdims=True), 1)
     mm = jnp.einsum("bl,bld->bd", weights, mixed.astype(jnp.float32)).astype(self.dtype)
-    aux["item_mm_emb"] = self._embed("fusion_projection", mm)
+    aux["item_mm_emb"] = l2_normalize(self.fusion_projection(mm))
     return jnp.concatenate([aux["item_mm_emb"], text_emb], axis=-1), aux

@@ -101,11 +101,16 @@ class VisionEncoder(nn.Module):
   remat: str = "none"
   dtype: Any = jnp.float32
 
+  @property
+  def size(self) -> ViTSize:
+    """The ViT's sizes (`variant` decoded)."""
+    return (self.variant if isinstance(self.variant, ViTSize)
+            else ViTSize(**decode_variant(self.variant)))
+
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     """`[B, S, S, 3]` normalised pixels -> tokens `[B, 1 + R + N, D]` in dtype."""
-    size = (self.variant if isinstance(self.variant, ViTSize)
-            else ViTSize(**decode_variant(self.variant)))
+    size = self.size
     width = size.width
     image_h, image_w = images.shape[1:3]
     if image_h % self.patch_size or image_w % self.patch_size:
