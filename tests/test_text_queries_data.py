@@ -12,6 +12,7 @@ import pytest
 
 from tigerfg_jax import config_lib
 from tigerfg_jax.data import folder, pipeline, synthetic, synthetic_text
+from tigerfg_jax.data import text_queries as text_queries_lib
 from tigerfg_jax.data.tokenizer import TitleTokenizer
 from tigerfg_jax.training import step as step_lib
 
@@ -154,6 +155,22 @@ def test_text_positives_match_brute_force(split, tokenizer):
       expected = [batch["item_row"][j] in split.text_query_positives[drawn[0]]
                   for j in range(BATCH)]
       np.testing.assert_array_equal(positives[i], expected)
+
+
+def test_an_items_text_queries_are_drawn_by_inverse_relevant_count(tokenizer):
+  # An item's queries are drawn in proportion to 1 / |relevant| (data/text_queries.py).
+  positives = [[0, 1, 2], [1], [0, 1, 2, 3]]
+  table = text_queries_lib.TextQueryTable.build(
+      ["red mug", "red mug with blue stripes", "mug"], positives, 5, tokenizer, MAX_LEN)
+  rng = np.random.default_rng(0)
+  for row, queries in ((1, [0, 1, 2]), (0, [0, 2]), (3, [2])):
+    drawn = table.sample(np.full(20_000, row), rng)
+    assert drawn["text_valid"].all()
+    sets = [sorted(r for r in rel if r >= 0) for rel in drawn["text_relevant"]]
+    frequencies = [np.mean([rel == positives[t] for rel in sets]) for t in queries]
+    weights = np.asarray([1.0 / len(positives[t]) for t in queries])
+    np.testing.assert_allclose(frequencies, weights / weights.sum(), atol=0.012)
+  assert not table.sample(np.asarray([4]), rng)["text_valid"].any()
 
 
 def test_text_keys_leave_the_rest_of_the_batch_unchanged_and_resume(split, tokenizer):

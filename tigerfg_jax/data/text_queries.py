@@ -2,7 +2,12 @@
 
 A split's `text_queries.jsonl` (docs/DATA.md) lists typed queries with their relevant
 items. Training draws, for each example, one text query that lists the example's item
-(uniformly among them; none: `text_valid` False). The batch carries the query's tokens,
+(none: `text_valid` False), with probability proportional to 1 / (its number of
+relevant items). Drawn uniformly, a query would be drawn about in proportion to how
+many items it lists: "red mug" (30 items) thirty times as often as "red mug with blue
+stripes" (one), and the specific queries, the ones that name what only the image
+shows, would be a few percent of the examples (3.7% of the tiny synthetic train
+split's draws; 1 / |relevant|: 23%). The batch carries the query's tokens,
 its relevant item rows and the example's own item row, so the train step can tell, for
 any two rows of the global batch, whether the item of one is relevant to the text query
 of the other (`training.step.text_positives`) without the pipeline seeing other
@@ -30,13 +35,16 @@ class TextQueryTable:
 
   tokens int32 `[T, Lq]`, mask bool `[T, Lq]`; relevant int32 `[T, P]` item rows (-1
   pads); `item_offsets` int64 `[num_items + 1]` and `item_queries` int64: the text
-  queries listing item r are `item_queries[item_offsets[r]:item_offsets[r + 1]]`.
+  queries listing item r are `item_queries[item_offsets[r]:item_offsets[r + 1]]`;
+  `item_query_cdf` float64, aligned with `item_queries`: per item, the cumulative
+  probability of drawing each of its queries (module docstring).
   """
   tokens: np.ndarray
   mask: np.ndarray
   relevant: np.ndarray
   item_offsets: np.ndarray
   item_queries: np.ndarray
+  item_query_cdf: np.ndarray
 
   @classmethod
   def build(cls, texts: Sequence[str], positives: Sequence[Sequence[int]], num_items: int,
@@ -52,12 +60,18 @@ class TextQueryTable:
       relevant[t, :min(width, len(rows))] = list(rows)[:width]
     pairs = sorted((int(r), t) for t, rows in enumerate(positives) for r in rows)
     counts = np.bincount([r for r, _ in pairs], minlength=num_items)
-    return cls(tokens=tokens, mask=mask, relevant=relevant,
-               item_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-               item_queries=np.asarray([t for _, t in pairs], np.int64))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    queries = np.asarray([t for _, t in pairs], np.int64)
+    weights = 1.0 / np.asarray([len(positives[t]) for t in queries], np.float64)
+    cdf = np.empty_like(weights)
+    for r in np.flatnonzero(counts):
+      item_weights = weights[offsets[r]:offsets[r + 1]]
+      cdf[offsets[r]:offsets[r + 1]] = np.cumsum(item_weights) / item_weights.sum()
+    return cls(tokens=tokens, mask=mask, relevant=relevant, item_offsets=offsets,
+               item_queries=queries, item_query_cdf=cdf)
 
   def sample(self, item_rows: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One text query per example item row (uniform over the queries listing it).
+    """One text query per example item row (drawn as the module docstring says).
 
     Returns `text_tokens` int32 `[n, Lq]`, `text_mask` bool `[n, Lq]`, `text_valid`
     bool `[n]` (the item has a text query), `text_relevant` int32 `[n, P]` (its
@@ -69,7 +83,8 @@ class TextQueryTable:
     for e, row in enumerate(item_rows):
       start, stop = self.item_offsets[row], self.item_offsets[row + 1]
       if stop > start:
-        chosen[e] = self.item_queries[start + rng.integers(stop - start)]
+        pick = np.searchsorted(self.item_query_cdf[start:stop], rng.random(), side="right")
+        chosen[e] = self.item_queries[start + min(int(pick), stop - start - 1)]
     valid = chosen >= 0
     safe = np.maximum(chosen, 0)
     relevant = np.where(valid[:, None], self.relevant[safe], -1)
