@@ -3,11 +3,11 @@
 A split's `text_queries.jsonl` (docs/DATA.md) lists typed queries with their relevant
 items. Training draws, for each example, one text query that lists the example's item
 (none: `text_valid` False), with probability proportional to 1 / (its number of
-relevant items). Drawn uniformly, a query would be drawn about in proportion to how
-many items it lists: "red mug" (30 items) thirty times as often as "red mug with blue
-stripes" (one), and the specific queries, the ones that name what only the image
-shows, would be a few percent of the examples (3.7% of the tiny synthetic train
-split's draws; 1 / |relevant|: 23%). The batch carries the query's tokens,
+relevant items). Drawn uniformly among an item's queries, a query would come up in
+proportion to how many items it lists: "red mug" (30 items) thirty times as often as
+"red mug with blue stripes" (one), and the specific queries, the ones that name what
+only the image shows, would be a few percent of the examples (3.7% of the draws on the
+tiny synthetic train split; with 1 / |relevant|, 23%). The batch carries the query's tokens,
 its relevant item rows and the example's own item row, so the train step can tell, for
 any two rows of the global batch, whether the item of one is relevant to the text query
 of the other (`training.step.text_positives`) without the pipeline seeing other
