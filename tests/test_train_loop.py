@@ -155,7 +155,7 @@ def test_a_config_saved_before_new_keys_loads_as_it_ran(tmp_path):
                        ("data", "synthetic_clutter_grid"), ("teacher", "init_student")):
     del saved[section][key]
   # The objective's keys before the paper's whole objective: three terms, other names.
-  for key in ("w_v2t", "w_i2v", "w_srd", "hard_negatives"):
+  for key in ("w_v2t", "v2t_query", "w_i2v", "w_srd", "hard_negatives"):
     del saved["loss"][key]
   saved["loss"]["w_infonce"] = saved["loss"].pop("w_q2i")
   saved["loss"]["w_sim"] = saved["loss"].pop("w_sdd")
@@ -166,6 +166,7 @@ def test_a_config_saved_before_new_keys_loads_as_it_ran(tmp_path):
       config.loss.w_q2i, config.loss.w_sdd, config.loss.w_spatial_map)
   assert (old.loss.w_v2t, old.loss.w_i2v, old.loss.w_srd, old.loss.hard_negatives) == (
       0, 0, 0, 0)
+  assert config.loss.v2t_query and old.loss.v2t_query is False
   # What such a run did: a 6 x 6 position table (48 px / 8 px patches), a quarter of
   # train per eval split, 3 x 3 clutter, a student trained from scratch.
   assert old.model.posemb_grid == 6

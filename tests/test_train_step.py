@@ -104,9 +104,18 @@ def test_terms_match_numpy_references():
   np.testing.assert_allclose(float(terms["q2i"]), infonce_reference(
       np.asarray(student["query_emb"]), np.asarray(student["item_emb"]), tau, positives,
       hard=np.asarray(student["swap_emb"]), hard_valid=hard_valid), rtol=1e-4)
-  np.testing.assert_allclose(float(terms["v2t"]), infonce_reference(
-      np.asarray(student["region_emb"]), np.asarray(student["title_emb"]), tau,
-      positives | same_title), rtol=1e-4)
+  # L_v2t: the pooled region and the query (a photo of the target region) each
+  # against the titles, averaged.
+  assert config.loss.v2t_query
+  title_emb = np.asarray(student["title_emb"])
+  np.testing.assert_allclose(float(terms["v2t"]), np.mean([infonce_reference(
+      np.asarray(student[region]), title_emb, tau, positives | same_title)
+      for region in ("region_emb", "query_emb")]), rtol=1e-4)
+  region_only = step_lib.loss_terms(student, {"crop": crop}, batch, type(config.loss)(
+      dict(config.loss.to_dict(), v2t_query=False)))["v2t"]
+  np.testing.assert_allclose(float(region_only), infonce_reference(
+      np.asarray(student["region_emb"]), title_emb, tau, positives | same_title),
+      rtol=1e-4)
   np.testing.assert_allclose(float(terms["i2v"]), infonce_reference(
       np.asarray(crop["item_emb"]), np.asarray(student["item_emb"]), tau, positives,
       hard=np.asarray(student["swap_emb"]), hard_valid=hard_valid), rtol=1e-4)
@@ -207,6 +216,14 @@ def test_the_teacher_runs_only_the_passes_a_term_reads(overrides, calls):
                              jax.random.PRNGKey(0))
   assert teacher.calls == calls
   assert np.isfinite(float(loss)) and set(terms) == set(step_lib.active_terms(config.loss))
+
+
+def test_the_query_tower_runs_for_a_v2t_that_reads_the_query():
+  config = train_helpers.micro_config(**{"loss.w_q2i": 0.0, **train_helpers.NO_TEACHER})
+  assert config.loss.w_v2t > 0 and config.loss.v2t_query
+  assert step_lib.uses_image_queries(config.loss)
+  config.loss.v2t_query = False
+  assert not step_lib.uses_image_queries(config.loss)
 
 
 def test_the_teacher_stage_encodes_the_ground_truth_crops():

@@ -234,6 +234,8 @@ def _loss_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       w_q2i=1.0,                    # query-item InfoNCE (+ title-swap hard negatives).
       w_v2t=0.0,                    # region-text InfoNCE: pooled region vs title.
+      v2t_query=False,              # L_v2t also aligns the query (a photo of the target
+                                    # region) with its item's title.
       w_i2v=0.0,                    # item vs the privileged teacher's target region.
       w_sdd=0.0,                    # similarity-distribution KL vs the teacher.
       w_srd=0.0,                    # spatial-relation KL vs a frozen patch teacher.
@@ -302,7 +304,7 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
     config.loss.hard_negatives = 3
   if stage == "distill":
     config.loss.update(w_v2t=0.25, w_i2v=0.5, w_sdd=1.0, w_srd=0.5, w_spatial_map=0.5,
-                       hard_negatives=3)
+                       hard_negatives=3, v2t_query=True)
     config.teacher.init_student = True
   if stage == "clip_style":
     config.model.mode = "clip_style"

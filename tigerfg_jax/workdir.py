@@ -74,6 +74,7 @@ _SAVED_BEFORE = {
     ("data", "device_augment"): lambda s: False,
     ("loss", "hard_negatives"): lambda s: 0,
     ("loss", "w_v2t"): lambda s: 0.0,
+    ("loss", "v2t_query"): lambda s: False,
     ("loss", "w_i2v"): lambda s: 0.0,
     ("loss", "w_srd"): lambda s: 0.0,
 }

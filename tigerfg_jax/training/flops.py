@@ -185,6 +185,7 @@ def train_step_flops(config: ml_collections.ConfigDict,
   logits, hard = 2 * batch * batch * embed, 2 * batch * swaps * embed
   width = vision.decode_variant(model.vision_variant)["width"]
   student += sum(logits for t in ("q2i", "v2t", "sdd") if t in terms)
+  student += logits if "v2t" in terms and loss.v2t_query else 0
   student += hard if "q2i" in terms else 0
   student += 2 * batch * patches * patches * width if "srd" in terms else 0
   total = 2 * batch * (query_embed + item_embed) + 3 * student

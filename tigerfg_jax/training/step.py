@@ -69,7 +69,9 @@ def uses_text_queries(loss_config: ml_collections.ConfigDict) -> bool:
 
 def uses_image_queries(loss_config: ml_collections.ConfigDict) -> bool:
   """Whether the objective reads the image query tower."""
-  return any(t in IMAGE_QUERY_TERMS for t in active_terms(loss_config))
+  terms = active_terms(loss_config)
+  return (any(t in IMAGE_QUERY_TERMS for t in terms)
+          or ("v2t" in terms and loss_config.v2t_query))
 
 
 def teacher_views(loss_config: ml_collections.ConfigDict,
@@ -132,6 +134,9 @@ def loss_terms(student: dict[str, jax.Array], teacher: dict[str, dict[str, jax.A
       active: `text_positives`).
     loss_config: `config.loss`.
 
+  `v2t` aligns the title with the student's pooled region and, with
+  `loss.v2t_query`, with the query (a photo of the target region): the mean of the
+  two InfoNCE terms.
   `t2i` is the text query against the searched item embedding (SMAR: the gated one);
   `t2modal` averages the text query's InfoNCE against each single-modality item
   embedding the fusion returns (SMAR's multi-task alignment, Beyond Text's alignment
@@ -150,8 +155,12 @@ def loss_terms(student: dict[str, jax.Array], teacher: dict[str, dict[str, jax.A
                                 positives=positives, hard_negatives=hard,
                                 hard_valid=hard_ok)
   if "v2t" in terms:
-    out["v2t"] = losses.infonce(student["region_emb"], student["title_emb"], tau,
-                                positives=positives | same_title(batch))
+    regions = [student["region_emb"]]
+    if loss_config.v2t_query:
+      regions.append(student["query_emb"])
+    out["v2t"] = sum(losses.infonce(region, student["title_emb"], tau,
+                                    positives=positives | same_title(batch))
+                     for region in regions) / len(regions)
   if "i2v" in terms:
     out["i2v"] = losses.infonce(teacher["crop"]["item_emb"], student["item_emb"], tau,
                                 positives=positives, hard_negatives=hard,
