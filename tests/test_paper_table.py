@@ -91,7 +91,8 @@ def test_each_row_adds_one_piece(tmp_path):
                 "train.checkpoint_every"}
   assert "train.steps" in changed("title_swap", "v2t_i2v")
   assert changed("title_swap", "v2t_i2v") - steps_keys == {
-      "loss.w_v2t", "loss.w_i2v", "teacher.checkpoint", "teacher.init_student"}
+      "loss.w_v2t", "loss.v2t_query", "loss.w_i2v", "teacher.checkpoint",
+      "teacher.init_student"}
   assert changed("v2t_i2v", "sdd") == {"loss.w_sdd"}
   assert changed("sdd", "srd") == {"loss.w_srd"}
   assert changed("srd", "spatial_map") == {"loss.w_spatial_map"}
