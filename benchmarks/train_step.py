@@ -1,24 +1,27 @@
 r"""Speed of the real train update: one row per precision / attention / remat setting.
 
   python -m benchmarks.train_step --config=configs/distill.py:b16 [--batch=N]
-      [--steps=10 --warmup=2]
+      [--steps=10 --warmup=2] [--rows=float32,bfloat16]
 
 Builds the stage's jitted update (`training.trainer.make_trainer`: the towers, the
 stage's losses, gradients, AdamW; for `distill` the frozen teacher's forward too, its
 params a random init of the same model), puts one batch on the devices, compiles,
 warms up, then times `--steps` updates with the data already on device (no input
 pipeline; `benchmarks/input_pipeline.py` measures that). Rows, each adding one change
-to the row above (the last rows vary `model.remat`):
+to the row above (the last rows vary `model.remat`); `--rows` picks some by key:
 
   float32              model.dtype=float32, model.attention=einsum, model.remat=none
   bfloat16             + bfloat16 compute (float32 params, optimizer state, losses)
-  + dot_product_attn   + jax.nn.dot_product_attention in the encoders
-  + remat=<policy>     + each of model.remat 'full', 'dots', 'names'
+  dot_product          + jax.nn.dot_product_attention in the encoders
+  remat_<policy>       + each of model.remat 'full', 'dots', 'names'
+
+Each row compiles its own update (about 160 s for distill at B/16 on one H200), so
+on a lent accelerator with little time run a few rows per call.
 
 Columns: ms/step (median), examples/s, TFLOP/s per device (analytic matmul FLOPs of
 `training.flops`, the count MFU uses), MFU (against the device's bf16 peak; '-' where
 unknown, e.g. CPU), the compiled step's memory per device (arguments + outputs +
-temporaries - aliased, `memory_analysis()`), and the speed ratio to the first row. On
+temporaries - aliased, `memory_analysis()`), and the speed ratio to the first row run. On
 a CPU only the ratios mean something (and XLA:CPU keeps no remat saving); on a GPU/TPU
 run it at the preset's scale.
 """
@@ -44,19 +47,36 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/distill.py:tiny",
 _BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed updates per row.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed updates after compiling.")
+_ROWS = flags.DEFINE_list("rows", None, "Keys of the rows to run, in table order (default: "
+                          "all); the first is the speed ratio's baseline.")
 _VOCAB = 512
 _GIB = 2**30
 
-ROWS = (
-    ("float32", {"model.dtype": "float32", "model.attention": "einsum",
-                 "model.remat": "none"}),
-    ("bfloat16", {"model.dtype": "bfloat16", "model.attention": "einsum",
-                  "model.remat": "none"}),
-    ("+ dot_product_attn", {"model.dtype": "bfloat16", "model.attention": "dot_product",
+# key -> (label in the table, overrides).
+ROWS = {
+    "float32": ("float32", {"model.dtype": "float32", "model.attention": "einsum",
                             "model.remat": "none"}),
-    *((f"+ remat={policy}", {"model.dtype": "bfloat16", "model.attention": "dot_product",
-                             "model.remat": policy}) for policy in ("full", "dots", "names")),
-)
+    "bfloat16": ("bfloat16", {"model.dtype": "bfloat16", "model.attention": "einsum",
+                              "model.remat": "none"}),
+    "dot_product": ("+ dot_product_attn", {"model.dtype": "bfloat16",
+                                           "model.attention": "dot_product",
+                                           "model.remat": "none"}),
+    **{f"remat_{policy}": (f"+ remat={policy}", {"model.dtype": "bfloat16",
+                                                 "model.attention": "dot_product",
+                                                 "model.remat": policy})
+       for policy in ("full", "dots", "names")},
+}
+
+
+def select_rows(keys: list[str] | None) -> list[str]:
+  """The `--rows` keys in table order (all of them for None); unknown keys are an error."""
+  if keys is None:
+    return list(ROWS)
+  unknown = [k for k in keys if k not in ROWS]
+  if unknown or not keys:
+    raise ValueError(f"--rows={','.join(keys)}: unknown {unknown}; expected some of "
+                     f"{', '.join(ROWS)}")
+  return [k for k in ROWS if k in keys]
 
 
 def _host_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, np.ndarray]:
@@ -111,6 +131,7 @@ def measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
   del argv
+  keys = select_rows(_ROWS.value)
   base = _CONFIG.value
   if _BATCH.value:
     base.train.batch_size = _BATCH.value
@@ -118,10 +139,11 @@ def main(argv: list[str]) -> None:
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, {_STEPS.value} timed steps",
         flush=True)
   header = ("| row | ms/step | examples/s | TFLOP/s/device | MFU | GiB/device | compile s "
-            "| speed vs float32 |")
+            f"| speed vs {ROWS[keys[0]][0]} |")
   print(header + "\n" + "|---" * 8 + "|", flush=True)
   baseline = None
-  for name, overrides in ROWS:
+  for key in keys:
+    name, overrides = ROWS[key]
     config = config_lib.apply_overrides(base.copy_and_resolve_references(), overrides)
     row = measure(config)
     baseline = baseline or row["ms"]
