@@ -150,3 +150,21 @@ def test_mfu_is_none_without_a_known_peak():
 def test_mfu_rejects_a_non_positive_step_time():
   with pytest.raises(ValueError, match="step_seconds"):
     flops.mfu(1e12, 0.0, "TPU v4", 4)
+
+
+@pytest.mark.parametrize("overrides", [{"loss.v2t_query": False}, {"loss.w_srd": 0.0}])
+def test_a_terms_share_of_the_count_is_its_share_of_the_hlo(overrides):
+  """Turning one term off removes from the analytic count exactly the matmul FLOPs it
+  removes from the step's HLO (the whole-step tolerance of 0.5% would hide a term as
+  small as the query-title logits)."""
+  full, full_analytic = lowered_step("micro", "distill")
+  config = config_lib.apply_overrides(config_lib.experiment_config("distill", "micro"),
+                                      overrides)
+  stage_config, teacher_config = aot_check.stage_configs(config)[-1]
+  lowered = aot_check.lower_stage(stage_config, sharding.make_mesh(config.mesh),
+                                  teacher_config)
+  removed_hlo = (hlo_matmul_flops(full.as_text(dialect="hlo"))
+                 - hlo_matmul_flops(lowered.as_text(dialect="hlo")))
+  removed_analytic = full_analytic - flops.train_step_flops(stage_config, teacher_config)
+  assert removed_analytic > 0
+  assert removed_analytic == pytest.approx(removed_hlo, rel=0.02)
