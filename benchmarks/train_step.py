@@ -73,7 +73,9 @@ def select_rows(keys: list[str] | None) -> list[str]:
   if keys is None:
     return list(ROWS)
   unknown = [k for k in keys if k not in ROWS]
-  if unknown or not keys:
+  if not keys:
+    raise ValueError(f"--rows is empty; expected some of {', '.join(ROWS)}")
+  if unknown:
     raise ValueError(f"--rows={','.join(keys)}: unknown {unknown}; expected some of "
                      f"{', '.join(ROWS)}")
   return [k for k in ROWS if k in keys]

@@ -18,6 +18,8 @@ def test_select_rows_keeps_table_order_and_names_unknown_keys():
   assert train_step.select_rows(["remat_dots", "float32"]) == ["float32", "remat_dots"]
   with pytest.raises(ValueError, match=r"unknown \['fp8'\].*float32, bfloat16"):
     train_step.select_rows(["float32", "fp8"])
+  with pytest.raises(ValueError, match="--rows is empty"):
+    train_step.select_rows([])
 
 
 def test_benchmark_runs_only_the_chosen_row_against_itself():
