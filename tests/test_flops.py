@@ -104,7 +104,7 @@ def test_q2i_alone_is_three_passes_and_the_sdd_teacher_one_forward():
   config = config_lib.experiment_config("distill", "micro")
   config_lib.apply_overrides(config, {
       "loss.w_v2t": 0.0, "loss.w_i2v": 0.0, "loss.w_srd": 0.0, "loss.w_spatial_map": 0.0,
-      "loss.w_sdd": 0.0, "loss.hard_negatives": 0})
+      "loss.w_sdd": 0.0, "loss.hard_negatives": 0, "model.zoom_threshold": 0.0})
   forward = flops.forward_flops(config)
   one_pass = sum(forward.values())
   alone = flops.train_step_flops(config, config)
@@ -156,7 +156,8 @@ def test_mfu_rejects_a_non_positive_step_time():
     flops.mfu(1e12, 0.0, "TPU v4", 4)
 
 
-@pytest.mark.parametrize("overrides", [{"loss.v2t_query": False}, {"loss.w_srd": 0.0}])
+@pytest.mark.parametrize("overrides", [{"loss.v2t_query": False}, {"loss.w_srd": 0.0},
+                                       {"model.zoom_threshold": 0.0}])
 def test_a_terms_share_of_the_count_is_its_share_of_the_hlo(overrides):
   """Turning one term off removes from the analytic count exactly the matmul FLOPs it
   removes from the step's HLO (the whole-step tolerance of 0.5% would hide a term as

@@ -96,7 +96,12 @@ def test_each_row_adds_one_piece(tmp_path):
   assert changed("v2t_i2v", "sdd") == {"loss.w_sdd"}
   assert changed("sdd", "srd") == {"loss.w_srd"}
   assert changed("srd", "spatial_map") == {"loss.w_spatial_map"}
-  for key in ("v2t_i2v", "sdd", "srd", "spatial_map"):
+  assert configs["spatial_map"].loss.w_spatial_map == 0.5
+  # Every row before the last looks at each item once; the last zooms.
+  assert changed("spatial_map", "zoom") == {"model.zoom_threshold", "loss.w_spatial_map"}
+  assert {key for key in configs if configs[key].model.zoom_threshold} == {"zoom",
+                                                                           "one_to_many"}
+  for key in ("v2t_i2v", "sdd", "srd", "spatial_map", "zoom"):
     assert configs[key].teacher.init_student
   assert step_lib.active_terms(configs["spatial_map"].loss) == step_lib.IMAGE_TERMS
   # The full row is configs/distill.py as it stands, plus seed, steps, data, teacher and
@@ -105,8 +110,8 @@ def test_each_row_adds_one_piece(tmp_path):
   distill.seed, distill.evals.box_oracle.at_end = 7, True
   config_lib.set_steps(distill.train, 3)
   distill.data.root, distill.teacher.checkpoint = str(data), str(teacher)
-  assert _flat(distill) == _flat(configs["spatial_map"])
-  assert _flat(configs["one_to_many"]) == _flat(configs["spatial_map"])
+  assert _flat(distill) == _flat(configs["zoom"])
+  assert _flat(configs["one_to_many"]) == _flat(configs["zoom"])
   assert configs["teacher"].stage == "teacher"
 
 

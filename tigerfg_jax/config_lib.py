@@ -51,6 +51,9 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   model.text_query_encoder  text query tower: 'none' | 'title' (the item tower's title
                             encoder, shared) | 'own' (its own encoder).
   model.max_query_len       Lq, text query tokens incl. BOS/EOS.
+  model.zoom_threshold      > 0: items are embedded twice, whole and cropped to the
+                            cells of their attention map at or above this fraction of
+                            its peak (models/zoom.py); 0: once. No parameters.
   data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
 """
 
@@ -167,6 +170,7 @@ def _model_config(p: Preset) -> ml_collections.ConfigDict:
       item_fusion="tiger",
       text_query_encoder="none",
       max_query_len=p.max_title_len,
+      zoom_threshold=0.0,
   ))
 
 
@@ -303,8 +307,11 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
     config.loss.w_v2t = 0.25
     config.loss.hard_negatives = 3
   if stage == "distill":
-    config.loss.update(w_v2t=0.25, w_i2v=0.5, w_sdd=1.0, w_srd=0.5, w_spatial_map=0.5,
+    # The student looks twice (models/zoom.py), so its attention map is also a box:
+    # the spatial map weighs 4 (0.5 before the zoom; docs/results.md).
+    config.loss.update(w_v2t=0.25, w_i2v=0.5, w_sdd=1.0, w_srd=0.5, w_spatial_map=4.0,
                        hard_negatives=3, v2t_query=True)
+    config.model.zoom_threshold = 0.2
     config.teacher.init_student = True
   if stage == "clip_style":
     config.model.mode = "clip_style"

@@ -65,7 +65,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 # Keys added after runs were saved, and the value that reproduces what such a run did
 # (not today's default): its ViT's position table was its item grid, its catalog had a
-# quarter of train per eval split and 3 x 3 clutter, its student started from scratch.
+# quarter of train per eval split and 3 x 3 clutter, its student started from scratch
+# and looked at each item once.
 _SAVED_BEFORE = {
     ("model", "posemb_grid"): lambda s: s["data"]["item_image_size"] // s["model"]["patch_size"],
     ("data", "synthetic_eval_items"): lambda s: 0,
@@ -77,6 +78,7 @@ _SAVED_BEFORE = {
     ("loss", "v2t_query"): lambda s: False,
     ("loss", "w_i2v"): lambda s: 0.0,
     ("loss", "w_srd"): lambda s: 0.0,
+    ("model", "zoom_threshold"): lambda s: 0.0,
 }
 # Keys that runs saved before they moved: their value's new place (None: dropped).
 _MOVED = {

@@ -16,7 +16,11 @@ Rows (each adds one piece to the one above; `ROWS` below is the whole recipe):
                    targets (from here on: the teacher's steps + the student's).
   sdd              + the similarity-distribution KL to the teacher.
   srd              + the spatial-relation KL to the teacher's patch tokens.
-  spatial_map      configs/distill.py as is: the full TIGER-FG.
+  spatial_map      + the spatial-map loss (weight 0.5): the paper's whole objective,
+                   one look at each item.
+  zoom             configs/distill.py as is: the full TIGER-FG, each item embedded
+                   whole and zoomed to its attention's region (models/zoom.py), the
+                   spatial map weighted 4.
   one_to_many      the full TIGER-FG on a one-to-many catalog (its own teacher); a hit
                    is any of the query's positives.
 
@@ -68,7 +72,10 @@ _NO_TEACHER = {"loss.w_i2v": 0.0, "loss.w_sdd": 0.0, "loss.w_srd": 0.0,
                "teacher.init_student": False}
 # Rows without L_v2t also leave its query view off, so that key comes in with the term.
 _NO_V2T = {"loss.w_v2t": 0.0, "loss.v2t_query": False}
-_Q2I_ONLY = {**_NO_TEACHER, **_NO_V2T, "loss.w_spatial_map": 0.0, "loss.hard_negatives": 0}
+# The paper's model looks at each item once (the attention zoom is the last row).
+_ONE_LOOK = {"model.zoom_threshold": 0.0}
+_Q2I_ONLY = {**_NO_TEACHER, **_NO_V2T, **_ONE_LOOK, "loss.w_spatial_map": 0.0,
+             "loss.hard_negatives": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +111,18 @@ ROWS = (
         {**_Q2I_ONLY, "data.mosaic_prob": 0.0}, equal_compute=True),
     Row("mosaic", "+ Mosaic", "distill.py", dict(_Q2I_ONLY), equal_compute=True),
     Row("title_swap", "+ title-swap hard negatives", "distill.py",
-        {**_NO_TEACHER, **_NO_V2T, "loss.w_spatial_map": 0.0}, equal_compute=True),
+        {**_NO_TEACHER, **_NO_V2T, **_ONE_LOOK, "loss.w_spatial_map": 0.0},
+        equal_compute=True),
     Row("v2t_i2v", "+ v2t / i2v (teacher init + target)", "distill.py",
-        {"loss.w_sdd": 0.0, "loss.w_srd": 0.0, "loss.w_spatial_map": 0.0},
+        {**_ONE_LOOK, "loss.w_sdd": 0.0, "loss.w_srd": 0.0, "loss.w_spatial_map": 0.0},
         teacher="teacher"),
     Row("sdd", "+ similarity KL (SDD)", "distill.py",
-        {"loss.w_srd": 0.0, "loss.w_spatial_map": 0.0}, teacher="teacher"),
-    Row("srd", "+ spatial relations (SRD)", "distill.py", {"loss.w_spatial_map": 0.0},
-        teacher="teacher"),
-    Row("spatial_map", "+ spatial map (full TIGER-FG)", "distill.py", teacher="teacher"),
+        {**_ONE_LOOK, "loss.w_srd": 0.0, "loss.w_spatial_map": 0.0}, teacher="teacher"),
+    Row("srd", "+ spatial relations (SRD)", "distill.py",
+        {**_ONE_LOOK, "loss.w_spatial_map": 0.0}, teacher="teacher"),
+    Row("spatial_map", "+ spatial map (the paper's TIGER-FG)", "distill.py",
+        {**_ONE_LOOK, "loss.w_spatial_map": 0.5}, teacher="teacher"),
+    Row("zoom", "+ attention zoom (full TIGER-FG)", "distill.py", teacher="teacher"),
     Row("teacher_one_to_many", "privileged teacher (stage 1), one-to-many catalog",
         "teacher.py", catalog="one_to_many", in_table=False),
     Row("one_to_many", "full TIGER-FG, one-to-many catalog", "distill.py",

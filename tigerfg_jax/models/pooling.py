@@ -43,8 +43,8 @@ class TextGuidedPooling(nn.Module):
 
   @nn.compact
   def __call__(self, cls: jax.Array, patches: jax.Array, text_tokens: jax.Array,
-               text_mask: jax.Array,
-               region_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               text_mask: jax.Array, region_mask: jax.Array | None = None,
+               title_slots: jax.Array | None = None) -> dict[str, jax.Array]:
     """Pools the patches under the title's guidance (or under T titles each).
 
     Args:
@@ -54,12 +54,14 @@ class TextGuidedPooling(nn.Module):
         each pooled on its own; the patches' keys and values are projected once.
       text_mask: bool `[B, L]` (or `[B, T, L]`), True on real title tokens.
       region_mask: bool `[B, N]` or None; patches the visual attentions may read.
+      title_slots: `[B, T * K, D]` or None: step 1's title reading, as an earlier
+        call over the same titles returned it (it does not depend on the image).
 
     Returns:
       dict with `f_a` `[B, D]` and `f_m` `[B, D]` (dtype), `slot_weights` float32
-      `[B, K]` and `attention` float32 `[B, H, N]` (the `f_a` pooling's map, rows sum
-      to 1 over N); with T titles each gets a T axis after B (`attention`:
-      `[B, H, T, N]`).
+      `[B, K]`, `attention` float32 `[B, H, N]` (the `f_a` pooling's map, rows sum
+      to 1 over N) and `title_slots` `[B, T * K, D]`; with T titles each but
+      `title_slots` gets a T axis after B (`attention`: `[B, H, T, N]`).
     """
     several = text_tokens.ndim == 4
     if not several:
@@ -70,17 +72,19 @@ class TextGuidedPooling(nn.Module):
     attend = functools.partial(transformer.MultiHeadAttention, self.num_heads,
                                dtype=self.dtype)
 
-    slots = self.param(
-        "slots", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
-        (self.num_slots, width), jnp.float32)
-    slots = jnp.broadcast_to(slots.astype(self.dtype),
-                             (batch * titles, self.num_slots, width))
-    read_title, _ = attend(name="title_attn")(
-        norm(name="title_norm")(slots),
-        text_tokens.reshape(batch * titles, length, -1),
-        text_mask.reshape(batch * titles, length))
-    # [B, T * K, D]: every title's slots query the same patches in one attention.
-    slots = (slots + read_title).reshape(batch, titles * self.num_slots, width)
+    if title_slots is None:
+      slots = self.param(
+          "slots", partitioning.init(nn.initializers.normal(0.02), (None, "embed")),
+          (self.num_slots, width), jnp.float32)
+      slots = jnp.broadcast_to(slots.astype(self.dtype),
+                               (batch * titles, self.num_slots, width))
+      read_title, _ = attend(name="title_attn")(
+          norm(name="title_norm")(slots),
+          text_tokens.reshape(batch * titles, length, -1),
+          text_mask.reshape(batch * titles, length))
+      # [B, T * K, D]: every title's slots query the same patches in one attention.
+      title_slots = (slots + read_title).reshape(batch, titles * self.num_slots, width)
+    slots = title_slots
     read_image, _ = attend(name="slot_image_attn")(
         norm(name="slot_image_norm")(slots), patches, region_mask)
     slots = slots + read_image
@@ -99,11 +103,12 @@ class TextGuidedPooling(nn.Module):
     query = norm(name="cls_norm")(cls)[:, None, :] + transformer.MlpBlock(
         self.mlp_dim, dtype=self.dtype, name="query_mlp")(f_m)
     f_a, weights = attend(name="appearance_attn")(query, patches, region_mask)
-    pooled = dict(f_a=f_a, f_m=f_m, slot_weights=slot_weights, attention=weights)
+    pooled = dict(f_a=f_a, f_m=f_m, slot_weights=slot_weights, attention=weights,
+                  title_slots=title_slots)
     if several:
       return pooled
     return dict(f_a=f_a[:, 0], f_m=f_m[:, 0], slot_weights=slot_weights[:, 0],
-                attention=weights[:, :, 0, :])
+                attention=weights[:, :, 0, :], title_slots=title_slots)
 
 
 class MAPHead(nn.Module):

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tigerfg_jax.models import fusion, partitioning, pooling, text, transformer, vision
+from tigerfg_jax.data.augment import TARGET_MARGIN
+from tigerfg_jax.models import fusion, partitioning, pooling, text, transformer, vision, zoom
 from tigerfg_jax.models.normalize import l2_normalize, normalize_pixels
 
 MODES = ("tiger", "clip_style")
@@ -116,6 +117,11 @@ class ItemTower(nn.Module):
   the pooled visual feature (`f_a`, or the MAP output) and `title_projection` the
   pooled title to E dims.
 
+  With `zoom_threshold` > 0 the tower looks twice (models/zoom.py): the whole image,
+  then the square around the region its first attention map picks, cut out and
+  resized to the image size; each embedding (the own title's and every title swap's)
+  is the normalised sum of the two looks'. The title is encoded once.
+
   Attributes:
     vision: the ViT (a `VisionEncoder`, possibly shared with the query tower).
     text_variant, vocab_size, max_title_len, text_causal, text_pool, text_proj_dim,
@@ -127,6 +133,8 @@ class ItemTower(nn.Module):
     pooling_slots, pooling_heads, pooling_mlp_dim: pooling sizes.
     embed_dim: E.
     pixel_mean, pixel_std: per-channel normalisation of 0..255 pixels.
+    zoom_threshold: 0 (one look) or the fraction of the attention peak whose
+      connected cells the zoom keeps (`zoom.attention_box`).
     dtype: compute dtype.
   """
   vision: nn.Module
@@ -148,6 +156,7 @@ class ItemTower(nn.Module):
   embed_dim: int
   pixel_mean: Sequence[float]
   pixel_std: Sequence[float]
+  zoom_threshold: float = 0.0
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -191,33 +200,63 @@ class ItemTower(nn.Module):
       patch tokens, for the spatial-relation loss), `region_emb` and `title_emb`
       float32 `[B, E]` L2-normalised (for `L_v2t`) and, with K > 0, `swap_emb`
       float32 `[B, K, E]`: row r pooled under the title of row
-      `swap_partners(B, K)[r, k]`.
+      `swap_partners(B, K)[r, k]`. With a zoom, `zoom_box` float32 `[B, 4]` (the
+      crop, normalised x0, y0, x1, y1); the other aux entries are the first look's.
     """
-    tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
-                                          self.dtype))
-    cls, patches = tokens[:, 0], tokens[:, 1 + self.num_registers:]
     title, title_pooled = self.text_encoder(title_tokens, title_mask)
     # Title t of row r: its own (t = 0), then its swap partners' ([B, 1 + K, ...]).
     rows = jnp.arange(images.shape[0], dtype=jnp.int32)[:, None]
     owners = jnp.concatenate([rows, swap_partners(images.shape[0], swap_titles)], axis=1)
-    if self.mode == "tiger":
-      pooled = self.pooling(cls, patches, title[owners], title_mask[owners], region_mask)
-      region = pooled["f_a"][:, 0]
-      features = pooled["f_a"] + self.merge_mlp(self.merge_norm(pooled["f_m"]))
-      attention = pooled["attention"][:, :, 0, :]
-    else:
-      region, attention = self.pooling(patches, region_mask)
-      pooled_titles = title_pooled[owners]
-      features = jnp.concatenate(
-          [jnp.broadcast_to(region[:, None], (*pooled_titles.shape[:2], region.shape[-1])),
-           pooled_titles], axis=-1)
-    embeddings = l2_normalize(self.projection(features))
-    aux = dict(attention=attention, patches=patches,
-               region_emb=l2_normalize(self.region_projection(region)),
+    titles = dict(title=title[owners], title_mask=title_mask[owners],
+                  title_pooled=title_pooled[owners])
+    embeddings, region, aux = self._look(images, titles, region_mask)
+    if self.zoom_threshold:
+      grid = math.isqrt(aux["attention"].shape[-1])   # item images are square.
+      attention = aux["attention"].mean(axis=1).reshape(-1, grid, grid)
+      box = zoom.context_square(zoom.attention_box(attention, self.zoom_threshold),
+                                TARGET_MARGIN)
+      # The slots' reading of the titles does not depend on the pixels: done once.
+      zoomed, _, _ = self._look(zoom.crop_resize(images, box),
+                                dict(titles, title_slots=aux.pop("title_slots", None)),
+                                None)
+      embeddings = l2_normalize(embeddings + zoomed)
+      aux["zoom_box"] = box
+    aux.pop("title_slots", None)
+    aux.update(region_emb=l2_normalize(self.region_projection(region)),
                title_emb=l2_normalize(self.title_projection(title_pooled)))
     if swap_titles:
       aux["swap_emb"] = embeddings[:, 1:]
     return embeddings[:, 0], aux
+
+  def _look(self, images: jax.Array, titles: dict[str, jax.Array | None],
+            region_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, dict]:
+    """One pass over the pixels: the ViT, then the pooling under each of T titles.
+
+    `titles`: `title` token states `[B, T, L, Dt]`, `title_mask` bool `[B, T, L]`,
+    `title_pooled` `[B, T, Dt]` and optionally `title_slots` (an earlier look's,
+    `TextGuidedPooling`). Returns the embeddings float32 `[B, T, E]` (L2), the pooled
+    visual feature `[B, D]` under the own title (t = 0) and `{'attention' [B, H, N],
+    'patches' [B, N, D]}` (+ 'tiger': `title_slots`).
+    """
+    tokens = self.vision(normalize_pixels(images, self.pixel_mean, self.pixel_std,
+                                          self.dtype))
+    cls, patches = tokens[:, 0], tokens[:, 1 + self.num_registers:]
+    title_pooled = titles["title_pooled"]
+    looked: dict[str, jax.Array] = dict(patches=patches)
+    if self.mode == "tiger":
+      pooled = self.pooling(cls, patches, titles["title"], titles["title_mask"], region_mask,
+                            titles.get("title_slots"))
+      region = pooled["f_a"][:, 0]
+      features = pooled["f_a"] + self.merge_mlp(self.merge_norm(pooled["f_m"]))
+      looked.update(attention=pooled["attention"][:, :, 0, :],
+                    title_slots=pooled["title_slots"])
+    else:
+      region, looked["attention"] = self.pooling(patches, region_mask)
+      features = jnp.concatenate(
+          [jnp.broadcast_to(region[:, None], (*title_pooled.shape[:2], region.shape[-1])),
+           title_pooled], axis=-1)
+    embeddings = l2_normalize(self.projection(features))
+    return embeddings, region, looked
 
 
 class TigerFG(nn.Module):
@@ -266,8 +305,8 @@ class TigerFG(nn.Module):
           mode="clip_style" if c.item_fusion == "concat" else c.mode,
           num_registers=c.num_registers,
           pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
-          pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim, dtype=dtype,
-          **pixels)
+          pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim,
+          zoom_threshold=c.zoom_threshold, dtype=dtype, **pixels)
     if c.text_query_encoder == "own":
       self.text_query_encoder = text.TextEncoder(
           **dict(text_encoder, max_len=c.max_query_len), dtype=dtype)
@@ -363,6 +402,13 @@ def _check_model_config(c: ml_collections.ConfigDict) -> None:
   if c.vocab_size <= 0:
     raise ValueError(f"config.model.vocab_size={c.vocab_size}: must be > 0 (set it "
                      "from the tokenizer's vocabulary size)")
+  if not 0 <= c.zoom_threshold <= 1:
+    raise ValueError(f"config.model.zoom_threshold={c.zoom_threshold}: expected 0 (no "
+                     "zoom) or a fraction of the attention peak in (0, 1]")
+  if c.zoom_threshold and c.item_fusion in fusion.FUSIONS:
+    raise ValueError(f"config.model.zoom_threshold={c.zoom_threshold}: the zoom reads the "
+                     "TIGER-FG item tower's attention; model.item_fusion="
+                     f"{c.item_fusion!r} has none (set zoom_threshold=0)")
   if not 0 < c.temperature_min <= c.temperature_init <= 1:
     raise ValueError(
         "config.model needs 0 < temperature_min <= temperature_init <= 1; got "

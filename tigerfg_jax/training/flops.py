@@ -108,18 +108,26 @@ def _title_pool(model: ml_collections.ConfigDict) -> tuple[int, int]:
           model.text_proj_dim or size["width"])
 
 
+def _title_reading(model: ml_collections.ConfigDict) -> int:
+  """The text-guided pooling's slots reading one title (0 in 'clip_style')."""
+  if model.mode == "clip_style":
+    return 0
+  width = vision.decode_variant(model.vision_variant)["width"]
+  text_width = text.decode_text_variant(model.text_variant)["width"]
+  return _attention(model.pooling_slots, model.max_title_len, width, text_width)
+
+
 def _pooling(model: ml_collections.ConfigDict, patches: int, titles: int = 1) -> int:
   """The item pooling, merge and projection on one example (title already encoded),
   under `titles` titles (its own and the title-swap partners'): what depends on the
   title runs per title, the patches' keys and values are projected once."""
   width = vision.decode_variant(model.vision_variant)["width"]
-  length, slots, hidden = model.max_title_len, model.pooling_slots, model.pooling_mlp_dim
+  slots, hidden = model.pooling_slots, model.pooling_mlp_dim
   projection = 2 * (width + _title_pool(model)[1]) * model.embed_dim
   if model.mode == "clip_style":  # the MAP head ignores the title: it runs once.
     return _map_head(patches, width, hidden) + titles * projection
-  text_width = text.decode_text_variant(model.text_variant)["width"]
   total = 2 * _key_values(patches, width, width)  # the two attentions over the patches.
-  per_title = _attention(slots, length, width, text_width)  # slots read the title.
+  per_title = _title_reading(model)
   per_title += _attention_queries(slots, patches, width)  # slots read the patches.
   per_title += _mlp(slots, width, hidden)
   per_title += 2 * slots * width * hidden + 2 * slots * hidden  # slot scores.
@@ -145,7 +153,8 @@ def _item_head(model: ml_collections.ConfigDict, patches: int, v2t: bool = False
 
 
 def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Forward matmul FLOPs of the model on one global batch, split into
+  """Forward matmul FLOPs of the model on one global batch (one look at each item:
+  `model.zoom_threshold` is not counted here, `train_step_flops` counts it), split into
   `patch_embed` (no input gradient) and `rest`; `logits` is one `[B, B]` similarity."""
   model, data = config.model, config.data
   batch = config.train.batch_size
@@ -179,16 +188,22 @@ def train_step_flops(config: ml_collections.ConfigDict,
   terms = step_lib.active_terms(loss)
   query_embed, query_vit, query_patches = _vit(model, data.query_image_size)
   item_embed, item_vit, patches = _vit(model, data.item_image_size)
+  # `model.zoom_threshold`: a second look (ViT and pooling under every title) at the
+  # crop; the titles are encoded and read by the slots once.
+  looks = 2 if model.zoom_threshold else 1
+  second_look = (item_vit + _pooling(model, patches, 1 + swaps)
+                 - (1 + swaps) * _title_reading(model))
   student = batch * (query_vit + _query_head(model, query_patches) + item_vit
                      + _item_head(model, patches, v2t="v2t" in terms)
-                     + _pooling(model, patches, 1 + swaps) - _pooling(model, patches))
+                     + _pooling(model, patches, 1 + swaps) - _pooling(model, patches)
+                     + (looks - 1) * second_look)
   logits, hard = 2 * batch * batch * embed, 2 * batch * swaps * embed
   width = vision.decode_variant(model.vision_variant)["width"]
   student += sum(logits for t in ("q2i", "v2t", "sdd") if t in terms)
   student += logits if "v2t" in terms and loss.v2t_query else 0
   student += hard if "q2i" in terms else 0
   student += 2 * batch * patches * patches * width if "srd" in terms else 0
-  total = 2 * batch * (query_embed + item_embed) + 3 * student
+  total = 2 * batch * (query_embed + looks * item_embed) + 3 * student
   total += 2 * (logits + hard) if "i2v" in terms else 0
   if teacher_config is None or config.stage != "distill":
     return total

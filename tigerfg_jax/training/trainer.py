@@ -50,6 +50,7 @@ def teacher_stage_config(config: ml_collections.ConfigDict,
   teacher.seed = config.seed
   teacher.model = config.model.copy_and_resolve_references()
   teacher.model.item_fusion = "tiger"  # the text_query stage's other fusions start from it.
+  teacher.model.zoom_threshold = 0.0    # its items are the target crops already.
   for key in ("vision_variant", "text_variant"):
     if config.teacher[key]:
       teacher.model[key] = config.teacher[key]
