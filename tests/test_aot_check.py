@@ -90,10 +90,16 @@ def test_user_errors_are_one_line_without_traceback(args, message):
   assert not stdout
 
 
-def test_an_over_hbm_compile_error_gives_the_temporaries_bytes():
-  """The message the TPU compiler gave for the micro teacher at batch 4194304 on v5e."""
+def test_an_over_hbm_compile_error_gives_a_lower_bound_on_the_bytes():
+  """The messages the TPU compiler gave: the micro teacher at batch 4194304 on v5e
+  (temporaries alone), and the zoomed b16 distill step at batch 1024 on v5e:2x4 (all it
+  had placed when it ran out)."""
   from tigerfg_jax import aot_check  # pylint: disable=g-import-not-at-top (libtpu first)
   message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
              "HLO temporaries (112.40T) exceeds available HBM (15.75G).")
   assert aot_check.over_hbm_bytes(message) == int(112.40 * 2**40)
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent "
+             "error. Ran out of memory in memory space hbm. Used 15.85G of 15.75G hbm. "
+             "Exceeded hbm capacity by 109.75M.")
+  assert aot_check.over_hbm_bytes(message) == int(15.85 * 2**30)
   assert aot_check.over_hbm_bytes("RESOURCE_EXHAUSTED: something else") is None

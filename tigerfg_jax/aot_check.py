@@ -40,15 +40,24 @@ HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 # The TPU compiler's refusal of a program over HBM: "RESOURCE_EXHAUSTED: Ran out of
 # memory on HBM, the total memory required for HLO temporaries (112.40T) exceeds
 # available HBM (15.75G)."
-_OUT_OF_MEMORY = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
-                            r"available HBM \([0-9.]+[KMGT]\)")
+# The TPU compiler's two ways of refusing a step over HBM: the temporaries alone exceed
+# it, or the whole program does ("Used 15.85G of 15.75G hbm", its lower bound).
+_OUT_OF_MEMORY = (
+    re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+               r"available HBM \([0-9.]+[KMGT]\)"),
+    re.compile(r"Ran out of memory in memory space hbm\. Used ([0-9.]+)([KMGT]) of "
+               r"[0-9.]+[KMGT] hbm"))
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def over_hbm_bytes(message: str) -> int | None:
-  """The temporaries' bytes of a TPU compile error for a step over HBM, else None."""
-  match = _OUT_OF_MEMORY.search(message)
-  return None if match is None else int(float(match.group(1)) * _UNITS[match.group(2)])
+  """A lower bound on the bytes per device of a step the TPU compiler refused as over
+  HBM (its temporaries, or all it had placed when it ran out), else None."""
+  for pattern in _OUT_OF_MEMORY:
+    match = pattern.search(message)
+    if match is not None:
+      return int(float(match.group(1)) * _UNITS[match.group(2)])
+  return None
 
 
 class UsageError(ValueError):
@@ -146,13 +155,12 @@ def check(config: ml_collections.ConfigDict, topology: str) -> Iterator[str]:
       r = stage_report(lower_stage(stage_config, mesh, teacher_config).compile(),
                        num_devices)
     except jax.errors.JaxRuntimeError as e:
-      temporaries = over_hbm_bytes(str(e))
-      if temporaries is None:
+      needed = over_hbm_bytes(str(e))
+      if needed is None:
         raise
-      # The TPU compiler refuses a step over HBM; the temporaries alone are a lower bound.
-      peak = max(peak, temporaries)
-      yield (f"stage={stage_config.stage}: over HBM, fits=no (temporaries alone "
-             f"{temporaries / 2**30:.2f} GiB per device); analytic matmuls "
+      peak = max(peak, needed)
+      yield (f"stage={stage_config.stage}: over HBM, fits=no (at least "
+             f"{needed / 2**30:.2f} GiB per device); analytic matmuls "
              f"{analytic / 1e12:.4g} TFLOP per step")
       continue
     gib = r["bytes_per_device"] / 2**30
