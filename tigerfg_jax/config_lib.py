@@ -127,11 +127,13 @@ PRESETS = {
         synthetic_items=3200, synthetic_eval_items=200,
         synthetic_text_eval_items=2000, clutter_grid=2, mosaic_prob=0.1,
         worker_count=0, device_augment=False, steps=300, batch_size=32, learning_rate=1e-3),
-    # The paper's ViT-B/16 query tower, for accelerators.
+    # The paper's ViT-B/16 query tower, for accelerators. remat 'full': the zoomed
+    # distill step fits a v5e chip's 16 GiB at 128 examples (14.2 GiB), with 'dots' it
+    # does not (docs/accelerators.md); on larger devices 'dots' recomputes less.
     "b16": Preset(
         vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
         max_title_len=32, pooling_slots=8, pooling_heads=8, pooling_mlp_dim=1024,
-        dtype="bfloat16", remat="dots", item_image_size=224, query_image_size=224,
+        dtype="bfloat16", remat="full", item_image_size=224, query_image_size=224,
         synthetic_items=4000, synthetic_eval_items=0,
         synthetic_text_eval_items=10_000, clutter_grid=3, mosaic_prob=0.5,
         worker_count=-1, device_augment=True, steps=20_000, batch_size=1024, learning_rate=5e-4),
