@@ -58,6 +58,10 @@ def test_attention_box_matches_a_breadth_first_search(threshold):
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_the_zoom_crops_with_the_teachers_margin():
+  assert zoom.CONTEXT_MARGIN == augment.TARGET_MARGIN
+
+
 def test_context_square_is_the_teachers_crop_rule_on_a_square_image():
   rng = np.random.default_rng(2)
   corners = rng.uniform(0, 1, (64, 2, 2))

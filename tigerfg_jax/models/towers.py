@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tigerfg_jax.data.augment import TARGET_MARGIN
 from tigerfg_jax.models import fusion, partitioning, pooling, text, transformer, vision, zoom
 from tigerfg_jax.models.normalize import l2_normalize, normalize_pixels
 
@@ -214,7 +213,7 @@ class ItemTower(nn.Module):
       grid = math.isqrt(aux["attention"].shape[-1])   # item images are square.
       attention = aux["attention"].mean(axis=1).reshape(-1, grid, grid)
       box = zoom.context_square(zoom.attention_box(attention, self.zoom_threshold),
-                                TARGET_MARGIN)
+                                zoom.CONTEXT_MARGIN)
       # The slots' reading of the titles does not depend on the pixels: done once.
       zoomed, _, _ = self._look(zoom.crop_resize(images, box),
                                 dict(titles, title_slots=aux.pop("title_slots", None)),

@@ -1,14 +1,14 @@
 """Attention zoom: an item re-encoded from the region its own text-guided attention picks.
 
-The item tower's first pass reads the whole image; its title-guided attention map (the
+The item tower's first look reads the whole image; its title-guided attention map (the
 mean over heads, `[B, G, G]`) marks the titled product. `attention_box` takes the
-smallest box of grid cells holding every cell at or above `threshold` of the map's
-peak; `context_square` grows it as the privileged teacher's crop is grown
-(`data.augment.context_box`: the longer side plus `margin` on each side, the square
-shifted inside the image); `crop_resize` cuts that square from the item image and
-resizes it to the item size. The second pass embeds the crop, so the ViT's tokens no
+bounding box of the cells connected to the map's peak that hold at least `threshold` of
+it; `context_square` grows it as the privileged teacher's crop is grown
+(`data.augment.context_box`: the longer side plus `CONTEXT_MARGIN` on each side, the
+square shifted inside the image); `crop_resize` cuts that square from the item image and
+resizes it to the item size. The second look embeds the crop, so the ViT's tokens no
 longer mix the product with its neighbours, and the item's embedding is the
-normalised sum of both passes (`TigerFG.embed_item` with `model.zoom_threshold`).
+normalised sum of both looks (`towers.ItemTower` with `model.zoom_threshold`).
 
 Everything here is a pure function of arrays, under `stop_gradient`: the box is a
 choice, not a path for gradients.
@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# Context around the box per side, as a fraction of its longer side: the privileged
+# teacher's crop margin (`data.augment.TARGET_MARGIN`; models do not import data, and
+# tests/test_zoom.py checks the two agree).
+CONTEXT_MARGIN = 0.1
 
 
 def attention_box(attention: jax.Array, threshold: float) -> jax.Array:
