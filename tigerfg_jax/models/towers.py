@@ -209,18 +209,18 @@ class ItemTower(nn.Module):
     titles = dict(title=title[owners], title_mask=title_mask[owners],
                   title_pooled=title_pooled[owners])
     embeddings, region, aux = self._look(images, titles, region_mask)
+    # The slots' reading of the titles does not depend on the pixels: a second look
+    # reuses it.
+    title_slots = aux.pop("title_slots", None)
     if self.zoom_threshold:
       grid = math.isqrt(aux["attention"].shape[-1])   # item images are square.
       attention = aux["attention"].mean(axis=1).reshape(-1, grid, grid)
       box = zoom.context_square(zoom.attention_box(attention, self.zoom_threshold),
                                 zoom.CONTEXT_MARGIN)
-      # The slots' reading of the titles does not depend on the pixels: done once.
       zoomed, _, _ = self._look(zoom.crop_resize(images, box),
-                                dict(titles, title_slots=aux.pop("title_slots", None)),
-                                None)
+                                dict(titles, title_slots=title_slots), None)
       embeddings = l2_normalize(embeddings + zoomed)
       aux["zoom_box"] = box
-    aux.pop("title_slots", None)
     aux.update(region_emb=l2_normalize(self.region_projection(region)),
                title_emb=l2_normalize(self.title_projection(title_pooled)))
     if swap_titles:
