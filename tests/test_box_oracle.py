@@ -1,4 +1,5 @@
-"""The box oracle: region masks from the queries' boxes, and both rows on a real run."""
+"""The box oracle: region masks and crops from the queries' boxes, and its three rows
+on a real run."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from tigerfg_jax import config_lib
+from tigerfg_jax import config_lib, sharding
 from tigerfg_jax import workdir as workdir_lib
-from tigerfg_jax.data import pipeline
+from tigerfg_jax.data import augment, pipeline, spatial
 from tigerfg_jax.evaluation import box_oracle
-from tigerfg_jax.models import towers
+from tigerfg_jax.models import factory, towers, zoom
 
 
 @pytest.fixture(name="trained_run")
@@ -37,7 +38,26 @@ def test_item_region_masks_cover_each_box(trained_run):
     assert 0 < want.sum() < grid * grid
 
 
-def test_both_rows_match_a_direct_forward_pass(trained_run):
+def test_crop_regions_are_the_teachers_context_squares(trained_run):
+  _, root = trained_run
+  split = pipeline.load_split(root, "eval_cluttered", cache_dir=f"{root}/.cache")
+  regions = box_oracle.item_crop_regions(split)
+  with_box = set()
+  for q, box in enumerate(split.query_boxes):
+    row = split.query_positives[q][0]
+    if box is None or row in with_box:
+      continue
+    with_box.add(row)
+    normalised = spatial.normalize_box(box, *split.item_sizes[row])
+    # The item images are square (the model reads them squashed to S x S).
+    np.testing.assert_allclose(regions[row], augment.context_box(normalised, 1.0, 1.0),
+                               atol=1e-6, err_msg=f"item row {row}")
+  assert with_box
+  for row in set(range(split.num_items)) - with_box:
+    np.testing.assert_array_equal(regions[row], [0, 0, 1, 1])
+
+
+def test_both_pooling_rows_match_a_direct_forward_pass(trained_run):
   workdir, root = trained_run
   results = box_oracle.box_oracle(workdir, ["eval_cluttered"])["eval_cluttered"]
   # The deployed row is the run's own evaluation (ScaNN there, exact search here).
@@ -62,6 +82,34 @@ def test_both_rows_match_a_direct_forward_pass(trained_run):
   best = np.argmax(np.asarray(query_emb) @ np.asarray(item_emb).T, axis=1)
   want = 100 * np.mean([best[q] in split.query_positives[q] for q in range(len(best))])
   assert results["box"]["R@1"] == pytest.approx(want)
+
+
+def test_crop_row_embeds_each_items_context_crop_in_one_look(trained_run):
+  workdir, root = trained_run
+  config, model, params, tokenizer = workdir_lib.load_trained(workdir)
+  split = pipeline.load_split(root, "eval_cluttered", cache_dir=f"{root}/.cache")
+  evaluator = box_oracle.BoxOracleEvaluator(config, model, tokenizer, {},
+                                            sharding.make_mesh(config.mesh), workdir)
+  got = evaluator.item_embeddings(params, split)["crop"]
+
+  # Each item's context crop (zoom.crop_resize, tested in test_zoom.py), rounded to
+  # pixels, embedded by the same weights without the zoom the distill run has.
+  items = np.stack([pipeline.eval_image(split.items[r]["image"], 32)
+                    for r in range(split.num_items)])
+  tokens, mask = tokenizer.encode(split.titles, config.model.max_title_len)
+  assert config.model.zoom_threshold > 0
+  config.model.zoom_threshold = 0.0
+  one_look = factory.build_model(config, tokenizer.vocab_size)
+  crops = np.clip(np.round(np.asarray(
+      zoom.crop_resize(items, box_oracle.item_crop_regions(split)))), 0, 255)
+  want, _ = one_look.apply({"params": params}, crops.astype(np.uint8), tokens, mask,
+                           method=towers.TigerFG.embed_item)
+  # atol: a pixel that rounds the other way under jit moves an embedding by ~1e-4.
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-3)
+  # The zoom matters: the deployed (two-look) model gives other embeddings of the crops.
+  zoomed, _ = model.apply({"params": params}, crops.astype(np.uint8), tokens, mask,
+                          method=towers.TigerFG.embed_item)
+  assert np.abs(np.asarray(zoomed) - np.asarray(want)).max() > 1e-2
 
 
 def test_refuses_a_clip_style_run(tmp_path):

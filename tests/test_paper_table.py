@@ -140,7 +140,8 @@ def _fake_report(seeds, rng):
                                  for split in ("eval_normal", "eval_cluttered")},
                      "box_oracle": None if key == "clip_style" else {
                          "eval_cluttered": {"deployed": {"R@1": 1.0},
-                                            "box": {"R@1": float(rng.uniform(0, 100))}}}}
+                                            "box": {"R@1": float(rng.uniform(0, 100))},
+                                            "crop": {"R@1": float(rng.uniform(0, 100))}}}}
             for s in seeds}
     rows.append({"key": key, "label": label, "catalog": catalog, "in_table": True,
                  "runs": runs})
@@ -149,6 +150,16 @@ def _fake_report(seeds, rng):
           "command": "python -m x", "date": "today", "catalogs": {"default": {}},
           "hardware": {"cpu": "cpu", "cores": 2, "jax_version": "0", "jax_devices": "1 x cpu"},
           "wall_s": {"invocation": 1.0, "runs": 2.0, "num_runs": 8}}
+
+
+def test_runs_from_before_the_crop_column_show_a_dash():
+  report = _fake_report([0, 1], np.random.default_rng(1))
+  for run in report["rows"][1]["runs"].values():
+    del run["box_oracle"]["eval_cluttered"]["crop"]
+  table = parse_table(paper_table.format_report(report, "results.json"))
+  assert table["+ spatial map"]["cluttered R@1, true crop"] == "–"
+  assert table["+ spatial map"]["cluttered R@1, true box"] != "–"
+  assert table["one-to-many"]["cluttered R@1, true crop"] != "–"
 
 
 def test_report_means_stds_and_deltas():
@@ -164,15 +175,16 @@ def test_report_means_stds_and_deltas():
         mean, std = parse_cell(table[entry["label"]][f"{name} {metric}"])
         assert mean == pytest.approx(values.mean(), abs=0.006)
         assert std == pytest.approx(values.std(ddof=1), abs=0.006)
-    cell = table[entry["label"]]["cluttered R@1, true box"]
-    if entry["key"] == "clip_style":
-      assert cell == "–"
-    else:
-      box = np.asarray([run["box_oracle"]["eval_cluttered"]["box"]["R@1"]
-                        for run in entry["runs"].values()])
+    for row, column in (("box", "true box"), ("crop", "true crop")):
+      cell = table[entry["label"]][f"cluttered R@1, {column}"]
+      if entry["key"] == "clip_style":
+        assert cell == "–"
+        continue
+      oracle = np.asarray([run["box_oracle"]["eval_cluttered"][row]["R@1"]
+                           for run in entry["runs"].values()])
       mean, std = parse_cell(cell)
-      assert mean == pytest.approx(box.mean(), abs=0.006)
-      assert std == pytest.approx(box.std(ddof=1), abs=0.006)
+      assert mean == pytest.approx(oracle.mean(), abs=0.006)
+      assert std == pytest.approx(oracle.std(ddof=1), abs=0.006)
   r1 = {e["key"]: {s: np.mean([run["results"][s]["R@1"] for run in e["runs"].values()])
                    for s in ("eval_normal", "eval_cluttered")} for e in report["rows"][:2]}
   delta_lines = [line for line in markdown.splitlines() if line.startswith("- + spatial map:")]
