@@ -11,9 +11,10 @@ attention loses); and with each item embedded, in one look, from the square cont
 crop around its box (`crop`: what the privileged teacher sees, and what a perfect zoom
 or detector would give these weights: the gap to `box` is what the ViT loses by
 reading the product among its neighbours). An item's box is the box of a query whose
-first positive it is; an item without one reads every patch of its whole image. Search is exact (NumPy inner products), so the numbers do not depend
-on an index backend. As a plug-in evaluator (`config.evals.box_oracle`) it runs during
-training too and writes `eval/box_oracle.json` at the end.
+first positive it is; an item without one reads every patch of its whole image. Search
+is exact (NumPy inner products), so the numbers do not depend on an index backend. As a
+plug-in evaluator (`config.evals.box_oracle`) it runs during training too and writes
+`eval/box_oracle.json` at the end.
 """
 
 from __future__ import annotations
@@ -180,8 +181,7 @@ def format_results(results: dict[str, dict[str, dict]]) -> str:
   lines = ["| split | item read from | R@1 | R@5 | R@10 |", "|---|---|---|---|---|"]
   for split, rows in results.items():
     for name, row in rows.items():
-      reads = ROW_LABELS[name]
-      lines.append(f"| {split} | {reads} | {row['R@1']:.2f} | {row['R@5']:.2f} | "
+      lines.append(f"| {split} | {ROW_LABELS[name]} | {row['R@1']:.2f} | {row['R@5']:.2f} | "
                    f"{row['R@10']:.2f} |")
   return "\n".join(lines)
 
