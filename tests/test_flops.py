@@ -157,6 +157,7 @@ def test_mfu_rejects_a_non_positive_step_time():
 
 
 @pytest.mark.parametrize("overrides", [{"loss.v2t_query": False}, {"loss.w_srd": 0.0},
+                                       {"model.zoom_refinements": 0},
                                        {"model.zoom_threshold": 0.0}])
 def test_a_terms_share_of_the_count_is_its_share_of_the_hlo(overrides):
   """Turning one term off removes from the analytic count exactly the matmul FLOPs it

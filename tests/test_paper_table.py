@@ -98,7 +98,8 @@ def test_each_row_adds_one_piece(tmp_path):
   assert changed("srd", "spatial_map") == {"loss.w_spatial_map"}
   assert configs["spatial_map"].loss.w_spatial_map == 0.5
   # Every row before the last looks at each item once; the last zooms.
-  assert changed("spatial_map", "zoom") == {"model.zoom_threshold", "loss.w_spatial_map"}
+  assert changed("spatial_map", "zoom") == {"model.zoom_threshold", "model.zoom_refinements",
+                                            "loss.w_spatial_map"}
   assert {key for key in configs if configs[key].model.zoom_threshold} == {"zoom",
                                                                            "one_to_many"}
   for key in ("v2t_i2v", "sdd", "srd", "spatial_map", "zoom"):

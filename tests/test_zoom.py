@@ -113,9 +113,10 @@ def test_crop_resize_of_the_whole_image_is_the_image():
   np.testing.assert_allclose(np.asarray(zoom.crop_resize(images, whole)), images, atol=1e-3)
 
 
-def _model(threshold: float, mode: str = "tiger") -> towers.TigerFG:
+def _model(threshold: float, mode: str = "tiger", refinements: int = 0) -> towers.TigerFG:
   config = config_lib.experiment_config("distill", "micro").model
-  config.update(vocab_size=VOCAB, zoom_threshold=threshold, mode=mode)
+  config.update(vocab_size=VOCAB, zoom_threshold=threshold, mode=mode,
+                zoom_refinements=refinements)
   return towers.TigerFG(config)
 
 
@@ -170,6 +171,7 @@ def test_embed_item_zoom_crops_to_the_attention_peak():
 @pytest.mark.parametrize("overrides, message", [
     (dict(zoom_threshold=1.5), "zoom_threshold=1.5"),
     (dict(zoom_threshold=-0.1), "zoom_threshold=-0.1"),
+    (dict(zoom_refinements=-1), "zoom_refinements=-1"),
     (dict(zoom_threshold=0.2, item_fusion="smar"), "item_fusion='smar'"),
 ])
 def test_a_zoom_the_model_cannot_do_is_refused(overrides, message):
@@ -204,3 +206,47 @@ def test_training_call_zooms_the_item_and_its_title_swaps_alike():
            + np.asarray(crop_out["swap_emb"], np.float64))
   np.testing.assert_allclose(np.asarray(got["swap_emb"]),
                              total / np.linalg.norm(total, axis=-1, keepdims=True), atol=2e-5)
+
+
+def test_within_maps_a_crops_box_into_the_image():
+  """A box of a crop, in the crop's own coordinates, lands at the crop's offset plus the
+  box scaled by the crop's size (closed form); the whole image maps boxes to themselves."""
+  outer = np.array([[0.2, 0.4, 0.6, 0.8], [0, 0, 1, 1]], np.float32)
+  inner = np.array([[0.5, 0.0, 1.0, 0.25], [0.1, 0.2, 0.3, 0.4]], np.float32)
+  want = np.array([[0.2 + 0.5 * 0.4, 0.4, 0.6, 0.4 + 0.25 * 0.4], [0.1, 0.2, 0.3, 0.4]])
+  np.testing.assert_allclose(np.asarray(zoom.within(outer, inner)), want, atol=1e-6)
+
+
+def test_a_refinement_zooms_into_the_first_crops_attention_peak():
+  """`zoom_refinements=1`, threshold 1: the first crop is the context square of the whole
+  image's peak cell; the second is the context square of the first crop's own peak cell,
+  placed in the image; the embedding sums the whole image's and the last crop's."""
+  images, tokens, mask = _items(3)
+  plain = _model(0.0)
+  params = plain.init(jax.random.key(3), images, tokens, mask,
+                      method=towers.TigerFG.embed_item)
+  grid = 32 // 8
+
+  def peak_context(region: np.ndarray, attention) -> np.ndarray:
+    y, x = np.divmod(np.asarray(attention).mean(axis=1).argmax(axis=1), grid)
+    size = region[:, 2:] - region[:, :2]
+    cell = np.concatenate([region[:, :2] + np.stack([x, y], 1) / grid * size,
+                           region[:, :2] + np.stack([x + 1, y + 1], 1) / grid * size], 1)
+    return np.stack([augment.context_box(b, 1.0, 1.0) for b in cell]).astype(np.float32)
+
+  whole, aux = plain.apply(params, images, tokens, mask, method=towers.TigerFG.embed_item)
+  first = peak_context(np.tile([[0.0, 0.0, 1.0, 1.0]], (3, 1)), aux["attention"])
+  _, first_aux = plain.apply(params, zoom.crop_resize(images, first), tokens, mask,
+                             method=towers.TigerFG.embed_item)
+  second = peak_context(first.astype(np.float64), first_aux["attention"])
+  got, got_aux = _model(1.0, refinements=1).apply(params, images, tokens, mask,
+                                                  method=towers.TigerFG.embed_item)
+  np.testing.assert_allclose(np.asarray(got_aux["zoom_box"]), second, atol=1e-5)
+  assert np.abs(second - first).max() > 1e-2
+  crop_emb, _ = plain.apply(params, zoom.crop_resize(images, second), tokens, mask,
+                            method=towers.TigerFG.embed_item)
+  total = np.asarray(whole, np.float64) + np.asarray(crop_emb, np.float64)
+  np.testing.assert_allclose(np.asarray(got), total / np.linalg.norm(total, axis=1,
+                                                                      keepdims=True),
+                             atol=2e-5)
+

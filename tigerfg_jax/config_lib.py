@@ -54,6 +54,9 @@ Config keys (every one read somewhere; unknown keys are rejected by `validate`):
   model.zoom_threshold      > 0: items are embedded twice, whole and cropped to the
                             cells of their attention map at or above this fraction of
                             its peak (models/zoom.py); 0: once. No parameters.
+  model.zoom_refinements    n >= 0: after the zoom, n more looks, each cropped to the
+                            region the previous look's attention picks inside its crop
+                            (only with zoom_threshold > 0).
   data.*, train.*, loss.*, teacher.*, mesh.*, eval.*: see the comments below.
 """
 
@@ -128,7 +131,7 @@ PRESETS = {
         synthetic_text_eval_items=2000, clutter_grid=2, mosaic_prob=0.1,
         worker_count=0, device_augment=False, steps=300, batch_size=32, learning_rate=1e-3),
     # The paper's ViT-B/16 query tower, for accelerators. remat 'full': the zoomed
-    # distill step fits a v5e chip's 16 GiB at 128 examples (14.2 GiB), with 'dots' it
+    # distill step fits a v5e chip's 16 GiB at 128 examples (14.5 GiB), with 'dots' it
     # does not (docs/accelerators.md); on larger devices 'dots' recomputes less.
     "b16": Preset(
         vision_variant="B/16", text_variant="S", patch_size=16, num_registers=4,
@@ -173,6 +176,7 @@ def _model_config(p: Preset) -> ml_collections.ConfigDict:
       text_query_encoder="none",
       max_query_len=p.max_title_len,
       zoom_threshold=0.0,
+      zoom_refinements=0,
   ))
 
 
@@ -309,11 +313,13 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
     config.loss.w_v2t = 0.25
     config.loss.hard_negatives = 3
   if stage == "distill":
-    # The student looks twice (models/zoom.py), so its attention map is also a box:
-    # the spatial map weighs 4 (0.5 before the zoom; docs/results.md).
+    # The student looks three times (models/zoom.py): the whole image, the region its
+    # attention picks, and the region the crop's own attention picks inside it. Its
+    # attention map is also a box: the spatial map weighs 4 (0.5 before the zoom;
+    # docs/results.md).
     config.loss.update(w_v2t=0.25, w_i2v=0.5, w_sdd=1.0, w_srd=0.5, w_spatial_map=4.0,
                        hard_negatives=3, v2t_query=True)
-    config.model.zoom_threshold = 0.2
+    config.model.update(zoom_threshold=0.2, zoom_refinements=1)
     config.teacher.init_student = True
   if stage == "clip_style":
     config.model.mode = "clip_style"

@@ -79,6 +79,7 @@ _SAVED_BEFORE = {
     ("loss", "w_i2v"): lambda s: 0.0,
     ("loss", "w_srd"): lambda s: 0.0,
     ("model", "zoom_threshold"): lambda s: 0.0,
+    ("model", "zoom_refinements"): lambda s: 0,
 }
 # Keys that runs saved before they moved: their value's new place (None: dropped).
 _MOVED = {

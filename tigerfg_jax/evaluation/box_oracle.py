@@ -43,7 +43,6 @@ RESULTS_FILE = "box_oracle.json"
 ROW_LABELS = {"deployed": "the whole image (deployed)",
               "box": "the whole image, pooling the true box only",
               "crop": "the true box's context crop, one look"}
-WHOLE_IMAGE = np.float32([0, 0, 1, 1])   # a normalised region: the image itself.
 
 
 def item_boxes(split: pipeline.Split) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +69,7 @@ def item_crop_regions(split: pipeline.Split) -> np.ndarray:
   (0, 0, 1, 1) for an item without a box."""
   boxes, has_box = item_boxes(split)
   squares = np.asarray(zoom.context_square(jnp.asarray(boxes), zoom.CONTEXT_MARGIN))
-  return np.where(has_box[:, None], squares, WHOLE_IMAGE)
+  return np.where(has_box[:, None], squares, np.float32(zoom.WHOLE_IMAGE))
 
 
 def _with_region(batches, masks: np.ndarray):
@@ -90,7 +89,7 @@ def _with_crops(batches, regions: np.ndarray):
   """The item batches with each row's `item_image` its crop (padding rows: whole)."""
   for batch in batches:
     crop = np.where(batch["valid"][:, None], regions[np.maximum(batch["index"], 0)],
-                    WHOLE_IMAGE)
+                    np.float32(zoom.WHOLE_IMAGE))
     yield dict(batch, item_image=np.asarray(_crop_images(batch["item_image"], crop)))
 
 

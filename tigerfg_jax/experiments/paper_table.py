@@ -19,8 +19,8 @@ Rows (each adds one piece to the one above; `ROWS` below is the whole recipe):
   spatial_map      + the spatial-map loss (weight 0.5): the paper's whole objective,
                    one look at each item.
   zoom             configs/distill.py as is: the full TIGER-FG, each item embedded
-                   whole and zoomed to its attention's region (models/zoom.py), the
-                   spatial map weighted 4.
+                   whole and zoomed to its attention's region, then to the region the
+                   crop's attention picks (models/zoom.py), the spatial map weighted 4.
   one_to_many      the full TIGER-FG on a one-to-many catalog (its own teacher); a hit
                    is any of the query's positives.
 
@@ -75,7 +75,7 @@ _NO_TEACHER = {"loss.w_i2v": 0.0, "loss.w_sdd": 0.0, "loss.w_srd": 0.0,
 # Rows without L_v2t also leave its query view off, so that key comes in with the term.
 _NO_V2T = {"loss.w_v2t": 0.0, "loss.v2t_query": False}
 # The paper's model looks at each item once (the attention zoom is the last row).
-_ONE_LOOK = {"model.zoom_threshold": 0.0}
+_ONE_LOOK = {"model.zoom_threshold": 0.0, "model.zoom_refinements": 0}
 _Q2I_ONLY = {**_NO_TEACHER, **_NO_V2T, **_ONE_LOOK, "loss.w_spatial_map": 0.0,
              "loss.hard_negatives": 0}
 

@@ -116,10 +116,12 @@ class ItemTower(nn.Module):
   the pooled visual feature (`f_a`, or the MAP output) and `title_projection` the
   pooled title to E dims.
 
-  With `zoom_threshold` > 0 the tower looks twice (models/zoom.py): the whole image,
+  With `zoom_threshold` > 0 the tower looks again (models/zoom.py): the whole image,
   then the square around the region its first attention map picks, cut out and
-  resized to the image size; each embedding (the own title's and every title swap's)
-  is the normalised sum of the two looks'. The title is encoded once.
+  resized to the image size; with `zoom_refinements` = n, n more times, each at the
+  square around the region the previous crop's own attention picks (placed back in
+  the image and cut from it). Each embedding (the own title's and every title swap's)
+  is the normalised sum of the first look's and the last's. The title is encoded once.
 
   Attributes:
     vision: the ViT (a `VisionEncoder`, possibly shared with the query tower).
@@ -134,6 +136,7 @@ class ItemTower(nn.Module):
     pixel_mean, pixel_std: per-channel normalisation of 0..255 pixels.
     zoom_threshold: 0 (one look) or the fraction of the attention peak whose
       connected cells the zoom keeps (`zoom.attention_box`).
+    zoom_refinements: n >= 0 looks after the first zoom, each inside the last crop.
     dtype: compute dtype.
   """
   vision: nn.Module
@@ -156,6 +159,7 @@ class ItemTower(nn.Module):
   pixel_mean: Sequence[float]
   pixel_std: Sequence[float]
   zoom_threshold: float = 0.0
+  zoom_refinements: int = 0
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -200,7 +204,8 @@ class ItemTower(nn.Module):
       float32 `[B, E]` L2-normalised (for `L_v2t`) and, with K > 0, `swap_emb`
       float32 `[B, K, E]`: row r pooled under the title of row
       `swap_partners(B, K)[r, k]`. With a zoom, `zoom_box` float32 `[B, 4]` (the
-      crop, normalised x0, y0, x1, y1); the other aux entries are the first look's.
+      last crop, normalised x0, y0, x1, y1 of the image); the other aux entries are
+      the first look's.
     """
     title, title_pooled = self.text_encoder(title_tokens, title_mask)
     # Title t of row r: its own (t = 0), then its swap partners' ([B, 1 + K, ...]).
@@ -213,10 +218,17 @@ class ItemTower(nn.Module):
     # reuses it.
     title_slots = aux.pop("title_slots", None)
     if self.zoom_threshold:
-      grid = math.isqrt(aux["attention"].shape[-1])   # item images are square.
-      attention = aux["attention"].mean(axis=1).reshape(-1, grid, grid)
-      box = zoom.context_square(zoom.attention_box(attention, self.zoom_threshold),
-                                zoom.CONTEXT_MARGIN)
+      box = jnp.tile(jnp.float32(zoom.WHOLE_IMAGE), (images.shape[0], 1))
+      attention = aux["attention"]
+      # A refinement's look only places the next crop: it reads the own title alone.
+      own = {k: v[:, :1] for k, v in titles.items()}
+      if title_slots is not None:
+        own["title_slots"] = title_slots[:, :self.pooling_slots]
+      for _ in range(self.zoom_refinements):
+        box = self._zoom_box(box, attention)
+        _, _, looked = self._look(zoom.crop_resize(images, box), own, None)
+        attention = looked["attention"]
+      box = self._zoom_box(box, attention)
       zoomed, _, _ = self._look(zoom.crop_resize(images, box),
                                 dict(titles, title_slots=title_slots), None)
       embeddings = l2_normalize(embeddings + zoomed)
@@ -226,6 +238,14 @@ class ItemTower(nn.Module):
     if swap_titles:
       aux["swap_emb"] = embeddings[:, 1:]
     return embeddings[:, 0], aux
+
+  def _zoom_box(self, region: jax.Array, attention: jax.Array) -> jax.Array:
+    """float32 `[B, 4]` normalised region of the image a look read, and that look's
+    attention float32 `[B, H, N]` -> the next crop, `[B, 4]` in the image."""
+    grid = math.isqrt(attention.shape[-1])   # item images are square.
+    found = zoom.attention_box(attention.mean(axis=1).reshape(-1, grid, grid),
+                               self.zoom_threshold)
+    return zoom.context_square(zoom.within(region, found), zoom.CONTEXT_MARGIN)
 
   def _look(self, images: jax.Array, titles: dict[str, jax.Array | None],
             region_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, dict]:
@@ -305,7 +325,8 @@ class TigerFG(nn.Module):
           num_registers=c.num_registers,
           pooling_slots=c.pooling_slots, pooling_heads=c.pooling_heads,
           pooling_mlp_dim=c.pooling_mlp_dim, embed_dim=c.embed_dim,
-          zoom_threshold=c.zoom_threshold, dtype=dtype, **pixels)
+          zoom_threshold=c.zoom_threshold, zoom_refinements=c.zoom_refinements,
+          dtype=dtype, **pixels)
     if c.text_query_encoder == "own":
       self.text_query_encoder = text.TextEncoder(
           **dict(text_encoder, max_len=c.max_query_len), dtype=dtype)
@@ -404,6 +425,9 @@ def _check_model_config(c: ml_collections.ConfigDict) -> None:
   if not 0 <= c.zoom_threshold <= 1:
     raise ValueError(f"config.model.zoom_threshold={c.zoom_threshold}: expected 0 (no "
                      "zoom) or a fraction of the attention peak in (0, 1]")
+  if c.zoom_refinements < 0:
+    raise ValueError(f"config.model.zoom_refinements={c.zoom_refinements}: expected the "
+                     "number of looks after the first zoom, >= 0")
   if c.zoom_threshold and c.item_fusion in fusion.FUSIONS:
     raise ValueError(f"config.model.zoom_threshold={c.zoom_threshold}: the zoom reads the "
                      "TIGER-FG item tower's attention; model.item_fusion="

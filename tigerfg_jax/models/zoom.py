@@ -10,6 +10,13 @@ resizes it to the item size. The second look embeds the crop, so the ViT's token
 longer mix the product with its neighbours, and the item's embedding is the
 normalised sum of both looks (`towers.ItemTower` with `model.zoom_threshold`).
 
+A crop's attention map is sharper than the whole image's (the product covers more of
+its cells), so a refinement (`model.zoom_refinements`) takes the box again inside the
+crop, places it in the image (`within`) and cuts the image's pixels there; the last
+look replaces the second in the sum. On the synthetic benchmark one refinement raised
+the share of eval_cluttered crops within IoU 0.5 of the true context square from 58% to
+63% (3 seeds, docs/results.md).
+
 Everything here is a pure function of arrays, under `stop_gradient`: the box is a
 choice, not a path for gradients.
 """
@@ -23,6 +30,15 @@ import jax.numpy as jnp
 # teacher's crop margin (`data.augment.TARGET_MARGIN`; models do not import data, and
 # tests/test_zoom.py checks the two agree).
 CONTEXT_MARGIN = 0.1
+WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)   # a normalised region (x0, y0, x1, y1): the image.
+
+
+def within(outer: jax.Array, inner: jax.Array) -> jax.Array:
+  """float32 `[B, 4]` normalised regions of the image and `[B, 4]` normalised boxes of
+  those regions (a crop's own coordinates) -> the boxes in the image's coordinates."""
+  size = outer[:, 2:] - outer[:, :2]
+  return jnp.concatenate([outer[:, :2] + inner[:, :2] * size,
+                          outer[:, :2] + inner[:, 2:] * size], axis=-1)
 
 
 def attention_box(attention: jax.Array, threshold: float) -> jax.Array:

@@ -138,6 +138,22 @@ def _pooling(model: ml_collections.ConfigDict, patches: int, titles: int = 1) ->
   return total + titles * (per_title + 2 * width * model.embed_dim)
 
 
+def _attention_map(model: ml_collections.ConfigDict, patches: int) -> int:
+  """The item pooling on one example up to its attention map over the patches, under
+  the own title (already read by the slots): what a zoom refinement's look needs. The
+  map's attention projects keys but no values and mixes nothing."""
+  width = vision.decode_variant(model.vision_variant)["width"]
+  hidden = model.pooling_mlp_dim
+  keys_and_map = 2 * patches * width * width + 2 * 2 * patches * width
+  if model.mode == "clip_style":  # the MAP head's probe query and logits.
+    return 2 * width * width + keys_and_map
+  slots = model.pooling_slots
+  total = _key_values(patches, width, width) + _attention_queries(slots, patches, width)
+  total += _mlp(slots, width, hidden) + 2 * slots * width * hidden + 2 * slots * hidden
+  total += 2 * slots * width + _mlp(1, width, hidden)  # f_m and the appearance query.
+  return total + 2 * width * width + keys_and_map
+
+
 def _item_head(model: ml_collections.ConfigDict, patches: int, v2t: bool = False) -> int:
   """Title encoder, pooling, merge and projection of the item tower on one example;
   with `v2t` also the region and title projections of L_v2t (otherwise unused)."""
@@ -189,8 +205,11 @@ def train_step_flops(config: ml_collections.ConfigDict,
   query_embed, query_vit, query_patches = _vit(model, data.query_image_size)
   item_embed, item_vit, patches = _vit(model, data.item_image_size)
   # `model.zoom_threshold`: a second look (ViT and pooling under every title) at the
-  # crop; the titles are encoded and read by the slots once.
+  # crop; the titles are encoded and read by the slots once. Each of
+  # `model.zoom_refinements` looks before it runs forward only (its box is a choice,
+  # not a path for gradients) and up to the own title's attention map.
   looks = 2 if model.zoom_threshold else 1
+  refinements = model.zoom_refinements if model.zoom_threshold else 0
   second_look = (item_vit + _pooling(model, patches, 1 + swaps)
                  - (1 + swaps) * _title_reading(model))
   student = batch * (query_vit + _query_head(model, query_patches) + item_vit
@@ -204,6 +223,7 @@ def train_step_flops(config: ml_collections.ConfigDict,
   student += hard if "q2i" in terms else 0
   student += 2 * batch * patches * patches * width if "srd" in terms else 0
   total = 2 * batch * (query_embed + looks * item_embed) + 3 * student
+  total += refinements * batch * (item_embed + item_vit + _attention_map(model, patches))
   total += 2 * (logits + hard) if "i2v" in terms else 0
   if teacher_config is None or config.stage != "distill":
     return total
