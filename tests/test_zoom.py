@@ -250,3 +250,18 @@ def test_a_refinement_zooms_into_the_first_crops_attention_peak():
                                                                       keepdims=True),
                              atol=2e-5)
 
+
+def test_a_refinement_reads_the_own_title_in_training_too():
+  """In the training call the refinement's look pools under the own title only (the
+  title-swap partners' slots are sliced off): its crop and `item_emb` are
+  `embed_item`'s."""
+  images, tokens, mask = _items(4)
+  batch = dict(item_image=images, title_tokens=tokens, title_mask=mask)
+  refined = _model(1.0, refinements=1)
+  params = _model(0.0).init(jax.random.key(4), batch, swap_titles=2)
+  got = refined.apply(params, batch, swap_titles=2)
+  deployed, aux = refined.apply(params, images, tokens, mask,
+                                method=towers.TigerFG.embed_item)
+  np.testing.assert_allclose(np.asarray(got["zoom_box"]), np.asarray(aux["zoom_box"]),
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got["item_emb"]), np.asarray(deployed), atol=2e-5)
