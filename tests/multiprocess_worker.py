@@ -32,7 +32,7 @@ def main():
   # One look at each item: the zoom's crops are per-row and change nothing about how
   # the processes split a batch, and each extra look adds to three compilations.
   config = train_helpers.micro_config(**{"train.batch_size": BATCH,
-                                         "model.zoom_threshold": 0.0,
+                                         **train_helpers.ONE_LOOK,
                                          **train_helpers.NO_TEACHER})
   mesh = sharding.make_mesh(config.mesh)
   built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)

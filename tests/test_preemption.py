@@ -31,7 +31,7 @@ def catalog_fixture(micro_catalog):
 def _config(catalog):
   return train_helpers.micro_config(**{
       "train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 1000,
-      **train_helpers.NO_TEACHER, "data.root": catalog})
+      **train_helpers.NO_TEACHER, **train_helpers.ONE_LOOK, "data.root": catalog})
 
 
 def _losses(workdir):
@@ -82,7 +82,8 @@ def test_the_cli_exits_with_the_preemption_status(tmp_path, catalog):
       [sys.executable, "-m", "tigerfg_jax.main", "--config=configs/distill.py:micro",
        f"--workdir={workdir}", f"--config.train.steps={STEPS * 25}",
        "--config.train.log_every=1", f"--config.data.root={catalog}",
-       *[f"--config.{k}={v}" for k, v in train_helpers.NO_TEACHER.items()]],
+       *[f"--config.{k}={v}"
+         for k, v in {**train_helpers.NO_TEACHER, **train_helpers.ONE_LOOK}.items()]],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _terminate_after(workdir, 2, process.pid)
   _, stderr = process.communicate(timeout=600)

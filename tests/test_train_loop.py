@@ -41,7 +41,7 @@ def _final_params(workdir, config):
 def test_resume_equals_uninterrupted(tmp_path, catalog):
   config = train_helpers.micro_config(**{
       "train.steps": 12, "train.log_every": 1, "train.checkpoint_every": 4,
-      **train_helpers.NO_TEACHER, "data.root": catalog})
+      **train_helpers.NO_TEACHER, **train_helpers.ONE_LOOK, "data.root": catalog})
   straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
   straight = trainer.train_and_evaluate(config, straight_dir)
   assert trainer.train_and_evaluate(config, resumed_dir, stop_after=6) is None
@@ -109,7 +109,7 @@ def test_distill_trains_its_teacher_first_and_writes_the_contract_files(tmp_path
 
 
 def test_student_starts_from_a_copy_of_the_teacher():
-  config = train_helpers.micro_config(**train_helpers.NO_TEACHER)
+  config = train_helpers.micro_config(**train_helpers.NO_TEACHER, **train_helpers.ONE_LOOK)
   mesh = sharding.make_mesh(config.mesh)
   built = trainer.make_trainer(config, mesh, train_helpers.VOCAB_SIZE)
   student = built.init(jax.random.PRNGKey(0))
@@ -137,7 +137,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cata
   config = train_helpers.micro_config(**{
       "train.steps": 6, "train.log_every": 1, "train.checkpoint_every": 1,
       "train.warmup_steps": 1, "train.learning_rate": 1e38, **train_helpers.NO_TEACHER,
-      "data.root": catalog})
+      **train_helpers.ONE_LOOK, "data.root": catalog})
   workdir = str(tmp_path / "run")
   with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint is step 1"):
     trainer.train_and_evaluate(config, workdir)

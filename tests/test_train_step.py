@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import train_helpers
-from tests.test_losses import infonce_reference
+from tests.test_losses import infonce_reference, spatial_map_reference
 from tigerfg_jax import sharding
 from tigerfg_jax.training import step as step_lib
 from tigerfg_jax.training import trainer
@@ -226,20 +226,36 @@ def test_the_query_tower_runs_for_a_v2t_that_reads_the_query():
   assert not step_lib.uses_image_queries(config.loss)
 
 
-def test_the_teacher_stage_encodes_the_ground_truth_crops():
+def test_the_teacher_stage_retrieves_crops_and_grounds_titles_in_the_whole_image():
+  """Stage 1 is privileged: its retrieval terms read the ground-truth crops
+  (`target_image`) alone, and its spatial map is the attention on the whole item
+  image (not on the crop) against the box's target."""
   config, built, state, batch = _setup("teacher")
+  assert config.loss.w_spatial_map > 0
   loss_fn = step_lib.make_loss_fn(built.model, None, "teacher", config.loss)
   rng = jax.random.PRNGKey(0)
-  loss, _ = loss_fn(state.params, None, batch, rng)
-  other_full = dict(batch, item_image=jnp.zeros_like(batch["item_image"]))
-  np.testing.assert_allclose(float(loss_fn(state.params, None, other_full, rng)[0]),
-                             float(loss), rtol=1e-6)
-  other_crop = dict(batch, target_image=jnp.zeros_like(batch["target_image"]))
-  assert abs(float(loss_fn(state.params, None, other_crop, rng)[0]) - float(loss)) > 1e-4
+
+  def terms_of(changed):
+    return {k: float(v) for k, v in loss_fn(state.params, None, changed, rng)[1][0].items()}
+
+  terms = terms_of(batch)
+  assert set(terms) == {"q2i", "v2t", "spatial_map"}
+  whole = built.model.apply({"params": state.params},
+                            {k: batch[k] for k in ("item_image", "title_tokens", "title_mask")})
+  np.testing.assert_allclose(terms["spatial_map"], spatial_map_reference(
+      np.asarray(whole["attention"]).mean(axis=1), np.asarray(batch["spatial_target"])),
+      rtol=1e-4)
+  other_full = terms_of(dict(batch, item_image=jnp.zeros_like(batch["item_image"])))
+  other_crop = terms_of(dict(batch, target_image=jnp.zeros_like(batch["target_image"])))
+  for name in ("q2i", "v2t"):
+    np.testing.assert_allclose(other_full[name], terms[name], rtol=1e-6)
+    assert abs(other_crop[name] - terms[name]) > 1e-4
+  np.testing.assert_allclose(other_crop["spatial_map"], terms["spatial_map"], rtol=1e-6)
+  assert abs(other_full["spatial_map"] - terms["spatial_map"]) > 1e-4
 
 
 def test_update_changes_params_and_counts_steps():
-  _, trainer, state, batch = _setup(**train_helpers.NO_TEACHER)
+  _, trainer, state, batch = _setup(**train_helpers.NO_TEACHER, **train_helpers.ONE_LOOK)
   before = jax.tree.map(np.asarray, state.params)
   new_state, measurements = trainer.update(state, None, batch)
   assert int(new_state.step) == 1

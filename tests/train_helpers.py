@@ -12,6 +12,10 @@ VOCAB_SIZE = 40
 NO_TEACHER = {"loss.w_i2v": 0.0, "loss.w_sdd": 0.0, "loss.w_srd": 0.0,
               "teacher.init_student": False}
 
+# One look at each item (no attention zoom), for tests whose subject is not the zoom:
+# every look is another ViT pass to compile and run (tests/test_zoom.py tests the zoom).
+ONE_LOOK = {"model.zoom_threshold": 0.0}
+
 # Comparing params after Adam steps taken in different reduction orders (devices,
 # processes): Adam divides by sqrt(v), so an element whose gradient is near zero turns
 # 1e-7 relative noise into an update difference of a few % of a step (lr 1e-3; seen:

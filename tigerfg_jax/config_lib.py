@@ -312,6 +312,10 @@ def experiment_config(stage: str, preset: str | None) -> ml_collections.ConfigDi
   if stage == "teacher":
     config.loss.w_v2t = 0.25
     config.loss.hard_negatives = 3
+    # Stage 1 also learns where the title points: its attention on the whole item
+    # image (one more look; its retrieval reads the crop) follows the box, so the
+    # student starts grounded (docs/results.md).
+    config.loss.w_spatial_map = 4.0
   if stage == "distill":
     # The student looks three times (models/zoom.py): the whole image, the region its
     # attention picks, and the region the crop's own attention picks inside it. Its

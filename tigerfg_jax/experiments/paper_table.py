@@ -11,9 +11,11 @@ Rows (each adds one piece to the one above; `ROWS` below is the whole recipe):
                    negatives, no Mosaic, no teacher (equal compute: twice the steps).
   mosaic           + the default Mosaic probability.
   title_swap       + title-swap hard negatives in L_q2i.
-  v2t_i2v          + L_v2t and L_i2v; the teacher (row `teacher`) starts the student
-                   with its weights and its ground-truth-crop embeddings are L_i2v's
-                   targets (from here on: the teacher's steps + the student's).
+  v2t_i2v          + L_v2t and L_i2v; the teacher (row `teacher`: it retrieves with
+                   the ground-truth crops, and its attention on the whole item image
+                   learns the box) starts the student with its weights and its crop
+                   embeddings are L_i2v's targets (from here on: the teacher's steps
+                   + the student's).
   sdd              + the similarity-distribution KL to the teacher.
   srd              + the spatial-relation KL to the teacher's patch tokens.
   spatial_map      + the spatial-map loss (weight 0.5): the paper's whole objective,

@@ -225,6 +225,13 @@ def train_step_flops(config: ml_collections.ConfigDict,
   total = 2 * batch * (query_embed + looks * item_embed) + 3 * student
   total += refinements * batch * (item_embed + item_vit + _attention_map(model, patches))
   total += 2 * (logits + hard) if "i2v" in terms else 0
+  if config.stage == "teacher" and "spatial_map" in terms:
+    # The item image's look whose attention map follows the box (`step.make_loss_fn`),
+    # trained up to the map: the title encoded and read again, no values, no merge.
+    size = text.decode_text_variant(model.text_variant)
+    title = _encoder(model.max_title_len, size["width"], size["depth"], size["mlp_dim"])
+    total += batch * (2 * item_embed + 3 * (item_vit + title + _title_reading(model)
+                                            + _attention_map(model, patches)))
   if teacher_config is None or config.stage != "distill":
     return total
   t_model = teacher_config.model

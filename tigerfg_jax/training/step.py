@@ -226,6 +226,13 @@ def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
       student_batch = {k: v for k, v in student_batch.items() if k != "query_image"}
     student = model.apply({"params": params}, student_batch, swap_titles=swap,
                           train=True, rngs={"dropout": rng})
+    if stage == "teacher" and "spatial_map" in active_terms(loss_config):
+      # The spatial target is the box in the whole item image: the map that follows
+      # it is the item image's, not the crop's (one more look, item side only).
+      whole = model.apply({"params": params},
+                          {k: batch[k] for k in ("item_image", "title_tokens", "title_mask")},
+                          train=True, rngs={"dropout": rng})
+      student = dict(student, attention=whole["attention"])
     teacher = {}
     if teacher_model is not None and views["crop"]:
       teacher["crop"] = teacher_model.apply(
