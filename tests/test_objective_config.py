@@ -81,6 +81,14 @@ def test_a_larger_teacher_cannot_initialise_the_student():
   assert trainer.teacher_stage_config(config, "data").model.vision_variant == "pico"
 
 
+def test_the_teacher_stage_takes_its_spatial_map_from_the_box():
+  config = train_helpers.micro_config("teacher", **{"loss.spatial_target": "teacher"})
+  with pytest.raises(ValueError, match="spatial_target='teacher': the teacher stage has no"):
+    config_lib.validate(config)
+  config.loss.spatial_target = "box"
+  config_lib.validate(config)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("loss.hard_negatives", 8, "0 <= K < train.batch_size=8"),
     ("loss.w_srd", -1.0, "weights must be >= 0"),

@@ -469,6 +469,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.loss[key] < 0:
       problems.append(f"config.loss.{key}={config.loss[key]}: weights must be >= 0")
   problems += _text_query_problems(config)
+  if (config.stage == "teacher" and config.loss.w_spatial_map > 0
+      and config.loss.spatial_target == "teacher"):
+    problems.append("config.loss.spatial_target='teacher': the teacher stage has no "
+                    "teacher to take a map from; its spatial map follows the box ('box')")
   if not 0 <= config.loss.hard_negatives < config.train.batch_size:
     problems.append(f"config.loss.hard_negatives={config.loss.hard_negatives}: expected "
                     f"0 <= K < train.batch_size={config.train.batch_size}")

@@ -208,7 +208,8 @@ def make_loss_fn(model: nn.Module, teacher_model: nn.Module | None, stage: str,
   """`loss_fn(params, frozen, batch, rng) -> (loss, (terms, temperature))`.
 
   The `teacher` stage is privileged: its items are the ground-truth crops
-  (`target_image`). The student stages see the whole item image. `frozen` holds what
+  (`target_image`); its `spatial_map` term reads one more look, at the whole item
+  image, whose attention learns the box. The student stages see the whole item image. `frozen` holds what
   stays frozen: `teacher` (the params of `teacher_model`) and, with `patch_grid` (the
   student's patch grid side), `patch_teacher` (a `models.patch_teacher.PatchTeacher`,
   L_SRD's reference); only the forward passes some active term reads run
